@@ -1,0 +1,140 @@
+//! Grouped-query self-attention with merged q/k/v, optional q/k biases (Qwen2) and per-head
+//! q/k RMSNorm (Qwen3). Reads and writes the KV cache through [`KvCache`].
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{rotary::RopeRows, Linear, RmsNorm};
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let qkv_proj = Linear::load_merged(
+            &[vb.pp("q_proj"), vb.pp("k_proj"), vb.pp("v_proj")],
+            cfg.hidden_size,
+            &[h * d, kv * d, kv * d],
+            cfg.attention_bias,
+        )?;
+        let o_proj = Linear::load(&vb.pp("o_proj"), h * d, cfg.hidden_size, false)?;
+        let (q_norm, k_norm) = if cfg.arch.has_qk_norm() {
+            (
+                Some(RmsNorm::load(&vb.pp("q_norm"), d, cfg.rms_norm_eps)?),
+                Some(RmsNorm::load(&vb.pp("k_norm"), d, cfg.rms_norm_eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            qkv_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// `x`: (tokens, hidden) for the whole batch -> (tokens, hidden).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &Batch,
+        rope: &RopeRows,
+        cache: &mut dyn KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let tokens = x.dim(0)?;
+        // 1. Project to q, k, v in one matmul and split.
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = qkv.narrow(1, 0, h * d)?.reshape((tokens, h, d))?;
+        let k = qkv.narrow(1, h * d, kv * d)?.reshape((tokens, kv, d))?;
+        let v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((tokens, kv, d))?;
+        // 2. Qwen3: RMSNorm each head of q and k.
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q.contiguous()?)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k.contiguous()?)?,
+            None => k,
+        };
+        // 3. Rotate by each token's own position.
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let v = v.contiguous()?;
+        // 4. Per sequence: append to the cache and attend over its whole context.
+        let mut outputs = Vec::with_capacity(batch.seqs.len());
+        for (offset, seq) in batch.offsets() {
+            let q_s = q.narrow(0, offset, seq.num_tokens)?;
+            let k_s = k.narrow(0, offset, seq.num_tokens)?;
+            let v_s = v.narrow(0, offset, seq.num_tokens)?;
+            let (k_all, v_all) = cache.append(layer, seq, &k_s, &v_s)?;
+            outputs.push(self.attend(&q_s, &k_all, &v_all, seq.start_pos)?);
+        }
+        let out = if outputs.len() == 1 {
+            outputs.remove(0)
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        // 5. Output projection.
+        self.o_proj.forward(&out)
+    }
+
+    /// Causal attention of `q` (n, heads, dim) at positions start..start+n over `k`, `v`
+    /// (context, kv_heads, dim) -> (n, heads * dim).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = h / kv;
+        let n = q.dim(0)?;
+        let ctx = k.dim(0)?;
+        let dtype = q.dtype();
+        // Query heads [g*group, (g+1)*group) share kv head g: fold them into the row dimension.
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((kv, group * n, d))?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = if n > 1 {
+            let mask = causal_mask(n, ctx, start, q.device())?;
+            scores
+                .reshape((kv, group, n, ctx))?
+                .broadcast_add(&mask)?
+                .reshape((kv, group * n, ctx))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        probs
+            .matmul(&v)?
+            .reshape((h, n, d))?
+            .transpose(0, 1)?
+            .reshape((n, h * d))
+    }
+}
+
+/// (n, ctx) additive mask: query i (at position start+i) sees keys 0..=start+i.
+fn causal_mask(n: usize, ctx: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..ctx).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, ctx), device)
+}
+

@@ -1,0 +1,92 @@
+//! Sparse mixture of experts (Qwen2-MoE, Qwen3-MoE): a softmax router picks the top-k experts
+//! per token; Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{Linear, Mlp};
+use crate::config::{ModelConfig, MoeConfig};
+
+#[derive(Debug, Clone)]
+struct SharedExpert {
+    mlp: Mlp,
+    gate: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    router: Linear,
+    experts: Vec<Mlp>,
+    shared: Option<SharedExpert>,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+impl SparseMoe {
+    pub fn load(cfg: &ModelConfig, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let router = Linear::load(&vb.pp("gate"), h, moe.num_experts, false)?;
+        let experts = (0..moe.num_experts)
+            .map(|e| Mlp::load(vb.pp("experts").pp(e), h, moe.moe_intermediate_size))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match moe.shared_expert_intermediate_size {
+            Some(size) => Some(SharedExpert {
+                mlp: Mlp::load(vb.pp("shared_expert"), h, size)?,
+                gate: Linear::load(&vb.pp("shared_expert_gate"), h, 1, false)?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            router,
+            experts,
+            shared,
+            top_k: moe.num_experts_per_tok,
+            norm_topk_prob: moe.norm_topk_prob,
+        })
+    }
+
+    /// Per expert, the tokens routed to it and their weights, from router probabilities.
+    fn route(&self, probs: &[Vec<f32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
+        let mut per_expert = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        let mut order: Vec<usize> = Vec::with_capacity(self.experts.len());
+        for (token, p) in probs.iter().enumerate() {
+            order.clear();
+            order.extend(0..p.len());
+            // Highest probability first; ties go to the lower expert index.
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let chosen = &order[..self.top_k];
+            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+            for &e in chosen {
+                let w = if self.norm_topk_prob { p[e] / sum } else { p[e] };
+                per_expert[e].0.push(token as u32);
+                per_expert[e].1.push(w);
+            }
+        }
+        per_expert
+    }
+}
+
+impl Module for SparseMoe {
+    /// `x`: (tokens, hidden) -> (tokens, hidden).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let probs = candle_nn::ops::softmax_last_dim(&self.router.forward(x)?.to_dtype(DType::F32)?)?
+            .to_vec2::<f32>()?;
+        let mut out = x.zeros_like()?;
+        for (expert, (tokens, weights)) in self.experts.iter().zip(self.route(&probs)) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, x.device())?;
+            let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(dtype)?;
+            let y = expert.forward(&x.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;
+            out = (out + shared.mlp.forward(x)?.broadcast_mul(&gate)?)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,149 @@
+//! The Qwen decoder: Qwen2/Qwen2.5, Qwen3, Qwen2-MoE and Qwen3-MoE share one structure and
+//! differ in attention details (biases, q/k norm, head_dim) and in the feed-forward block.
+//!
+//! ```text
+//! embed_tokens -> [ x + attn(input_layernorm(x)); x + ffn(post_attention_layernorm(x)) ] x N
+//!              -> norm -> lm_head (tied to embed_tokens or not)
+//! ```
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::batch::{Batch, LogitsRows};
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding, SparseMoe};
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let mlp = match &cfg.moe {
+            Some(moe) if cfg.is_sparse_layer(layer) => {
+                FeedForward::Sparse(SparseMoe::load(cfg, moe, vb.pp("mlp"))?)
+            }
+            _ => FeedForward::Dense(Mlp::load(vb.pp("mlp"), cfg.hidden_size, cfg.intermediate_size)?),
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QwenModel {
+    cfg: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Linear>,
+    rotary: RotaryEmbedding,
+    dtype: DType,
+    device: Device,
+}
+
+impl QwenModel {
+    /// Loads from a VarBuilder rooted at the checkpoint (names as in the HF checkpoint).
+    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let model = vb.pp("model");
+        let embed_tokens = Embedding::load(&model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, i, model.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rotary.max_positions()
+    }
+
+    /// Runs one batch. Returns f32 logits, (rows, vocab): one row per sequence
+    /// (`LogitsRows::LastPerSeq`, in batch order) or per token (`LogitsRows::All`).
+    pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        // 1. Embed the new tokens and look up each one's rotary row.
+        let mut x = self.embed_tokens.forward(&batch.token_ids)?;
+        let rope = self.rotary.rows(&batch.positions)?;
+        // 2. Decoder layers, pre-norm with residuals.
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward(&h, batch, &rope, cache, i)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        // 3. Only the rows that need logits go through the final norm and lm_head.
+        let x = match batch.logits_rows {
+            LogitsRows::All => x,
+            LogitsRows::LastPerSeq => {
+                let last: Vec<u32> = batch
+                    .offsets()
+                    .map(|(offset, s)| (offset + s.num_tokens - 1) as u32)
+                    .collect();
+                let n = last.len();
+                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            }
+        };
+        let x = self.norm.forward(&x)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x)?,
+            None => x.matmul(&self.embed_tokens.weight().t()?)?,
+        };
+        logits.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,3 @@
+//! Ember: an inference server for the Qwen model family.
+
+pub mod template;
