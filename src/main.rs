@@ -1,1 +1,89 @@
-fn main() {}
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use ember::cli::{Cli, Command, GenerateArgs};
+use ember::device::{parse_dtype, DeviceSpec};
+use ember::generate::LoadedModel;
+use ember::sampling::SamplingParams;
+use ember::template::RenderOptions;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    if let Some(t) = args.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature must be a finite number >= 0, got {t}");
+        }
+    }
+    if let Some(p) = args.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {p}");
+        }
+    }
+    let device: DeviceSpec = args.model.device.parse()?;
+    let dtype = args.model.dtype.as_deref().map(parse_dtype).transpose()?;
+    let loaded = LoadedModel::load(
+        &args.model.model,
+        args.model.revision.as_deref(),
+        device,
+        dtype,
+    )?;
+    let prompt = if args.chat {
+        let Some(template) = &loaded.template else {
+            bail!("--chat: the model has no chat template in tokenizer_config.json");
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            tools: None,
+            enable_thinking: args.enable_thinking,
+        };
+        template.render(&serde_json::Value::Array(messages), &opts)?
+    } else {
+        args.prompt.clone()
+    };
+    let ids = loaded.encode(&prompt)?;
+    let d = &loaded.defaults;
+    let params = SamplingParams {
+        temperature: args.temperature.or(d.temperature).unwrap_or(1.0),
+        top_p: args.top_p.or(d.top_p).unwrap_or(1.0),
+        top_k: args.top_k.or(d.top_k).unwrap_or(0),
+        seed: args.seed,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let stats = loaded.generate(&ids, &params, args.max_tokens, args.ignore_eos, |text| {
+        // A closed stdout (e.g. piped into `head`) must not abort generation with a panic.
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.2} tok/s",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_s(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_s()
+    );
+    Ok(())
+}

@@ -115,7 +115,10 @@ impl ChatTemplate {
             .map_err(|e| TemplateError::Invalid(e.to_string()))?;
         let mut ctx = serde_json::Map::new();
         ctx.insert("messages".into(), messages.clone());
-        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(opts.add_generation_prompt),
+        );
         if let Some(tools) = &opts.tools {
             ctx.insert("tools".into(), tools.clone());
         }
@@ -243,7 +246,13 @@ fn python_number(n: &serde_json::Number) -> String {
     }
     let f = n.as_f64().unwrap_or(f64::NAN);
     if !f.is_finite() {
-        return if f.is_nan() { "NaN".into() } else if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f.is_nan() {
+            "NaN".into()
+        } else if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let abs = f.abs();
     if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
@@ -268,7 +277,8 @@ mod tests {
     use serde_json::json;
 
     fn render(source: &str, messages: Json) -> Result<String, TemplateError> {
-        ChatTemplate::new(source.to_string(), None, None)?.render(&messages, &RenderOptions::default())
+        ChatTemplate::new(source.to_string(), None, None)?
+            .render(&messages, &RenderOptions::default())
     }
 
     #[test]
@@ -278,8 +288,15 @@ mod tests {
             json!([{"b": 1, "a": [1.5, 2.0, "x\"y", null, true], "c": {}, "d": "é\n", "e": 1e-5}]),
         )
         .unwrap();
-        assert_eq!(out, r#"{"b": 1, "a": [1.5, 2.0, "x\"y", null, true], "c": {}, "d": "é\n", "e": 1e-05}"#);
-        let out = render("{{ messages[0] | tojson(indent=2) }}", json!([{"a": [1, 2]}])).unwrap();
+        assert_eq!(
+            out,
+            r#"{"b": 1, "a": [1.5, 2.0, "x\"y", null, true], "c": {}, "d": "é\n", "e": 1e-05}"#
+        );
+        let out = render(
+            "{{ messages[0] | tojson(indent=2) }}",
+            json!([{"a": [1, 2]}]),
+        )
+        .unwrap();
         assert_eq!(out, "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
     }
 
@@ -296,7 +313,7 @@ mod tests {
             json!([" a, b "]),
         )
         .unwrap();
-        assert_eq!(out, "b|true");
+        assert_eq!(out, "b|True"); // as Jinja2 prints a Python bool
     }
 
     #[test]

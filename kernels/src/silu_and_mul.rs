@@ -29,9 +29,9 @@ impl CustomOp1 for SiluAndMul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, two_d) = layout.shape().dims2()?;
         let d = two_d / 2;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("silu_and_mul needs a contiguous input".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("silu_and_mul needs a contiguous input".into())
+        })?;
         let out = match storage {
             CpuStorage::F32(x) => CpuStorage::F32(silu_mul_rows(&x[start..end], d)),
             CpuStorage::BF16(x) => CpuStorage::BF16(silu_mul_rows::<bf16>(&x[start..end], d)),
@@ -55,9 +55,9 @@ impl CustomOp1 for SiluAndMul {
 
         let (rows, two_d) = layout.shape().dims2()?;
         let d = two_d / 2;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("silu_and_mul needs a contiguous input".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("silu_and_mul needs a contiguous input".into())
+        })?;
         let dev = storage.device().clone();
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -74,7 +74,8 @@ impl CustomOp1 for SiluAndMul {
             d: usize,
             cfg: LaunchConfig,
         ) -> Result<CudaSlice<T>> {
-            let func = dev.get_or_load_custom_func(name, "ember_silu_and_mul", crate::ptx::SILU_AND_MUL)?;
+            let func =
+                dev.get_or_load_custom_func(name, "ember_silu_and_mul", crate::ptx::SILU_AND_MUL)?;
             // SAFETY: every element is written by the kernel before it is read.
             let out = unsafe { dev.alloc::<T>(rows * d)? };
             let x = x.slice(start..end);
@@ -89,12 +90,42 @@ impl CustomOp1 for SiluAndMul {
             Ok(out)
         }
         let slice = match &storage.slice {
-            CudaStorageSlice::F32(x) => CudaStorageSlice::F32(launch(&dev, "silu_and_mul_f32", x, start, end, rows, d, cfg)?),
-            CudaStorageSlice::BF16(x) => CudaStorageSlice::BF16(launch(&dev, "silu_and_mul_bf16", x, start, end, rows, d, cfg)?),
-            CudaStorageSlice::F16(x) => CudaStorageSlice::F16(launch(&dev, "silu_and_mul_f16", x, start, end, rows, d, cfg)?),
+            CudaStorageSlice::F32(x) => CudaStorageSlice::F32(launch(
+                &dev,
+                "silu_and_mul_f32",
+                x,
+                start,
+                end,
+                rows,
+                d,
+                cfg,
+            )?),
+            CudaStorageSlice::BF16(x) => CudaStorageSlice::BF16(launch(
+                &dev,
+                "silu_and_mul_bf16",
+                x,
+                start,
+                end,
+                rows,
+                d,
+                cfg,
+            )?),
+            CudaStorageSlice::F16(x) => CudaStorageSlice::F16(launch(
+                &dev,
+                "silu_and_mul_f16",
+                x,
+                start,
+                end,
+                rows,
+                d,
+                cfg,
+            )?),
             _ => candle_core::bail!("silu_and_mul: unsupported dtype {:?}", storage.dtype()),
         };
-        Ok((candle_core::CudaStorage { slice, device: dev }, Shape::from((rows, d))))
+        Ok((
+            candle_core::CudaStorage { slice, device: dev },
+            Shape::from((rows, d)),
+        ))
     }
 }
 

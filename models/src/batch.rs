@@ -44,7 +44,9 @@ impl Batch {
         device: &Device,
     ) -> Result<Self> {
         if seqs.is_empty() {
-            return Err(ModelError::Batch("a batch needs at least one sequence".into()));
+            return Err(ModelError::Batch(
+                "a batch needs at least one sequence".into(),
+            ));
         }
         let total: usize = seqs.iter().map(|s| s.2.len()).sum();
         let mut ids = Vec::with_capacity(total);
@@ -52,7 +54,9 @@ impl Batch {
         let mut slices = Vec::with_capacity(seqs.len());
         for &(slot, start_pos, tokens) in seqs {
             if tokens.is_empty() {
-                return Err(ModelError::Batch(format!("sequence in slot {slot} has no new tokens")));
+                return Err(ModelError::Batch(format!(
+                    "sequence in slot {slot} has no new tokens"
+                )));
             }
             let end = start_pos + tokens.len();
             if end > max_positions {

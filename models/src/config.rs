@@ -191,7 +191,9 @@ impl ModelConfig {
             _ => return Err(bad("hidden_size is not divisible by num_attention_heads")),
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim must be even and positive, got {head_dim}")));
+            return Err(bad(format!(
+                "head_dim must be even and positive, got {head_dim}"
+            )));
         }
         let params = raw.rope_parameters.as_ref().and_then(Value::as_object);
         let rope_theta = raw
@@ -221,10 +223,11 @@ impl ModelConfig {
                     )));
                 }
                 let shared = match arch {
-                    Arch::Qwen2Moe => Some(
-                        raw.shared_expert_intermediate_size
-                            .ok_or_else(|| bad("qwen2_moe without shared_expert_intermediate_size"))?,
-                    ),
+                    Arch::Qwen2Moe => {
+                        Some(raw.shared_expert_intermediate_size.ok_or_else(|| {
+                            bad("qwen2_moe without shared_expert_intermediate_size")
+                        })?)
+                    }
                     _ => None,
                 };
                 Some(MoeConfig {
@@ -281,7 +284,10 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(value: Option<&Value>, max_position_embeddings: usize) -> Result<RopeScaling> {
+fn parse_rope_scaling(
+    value: Option<&Value>,
+    max_position_embeddings: usize,
+) -> Result<RopeScaling> {
     let Some(obj) = value.and_then(Value::as_object) else {
         return Ok(RopeScaling::None);
     };
@@ -293,7 +299,8 @@ fn parse_rope_scaling(value: Option<&Value>, max_position_embeddings: usize) -> 
     match kind {
         "default" => Ok(RopeScaling::None),
         "yarn" => {
-            let factor = get_f64(obj, "factor").ok_or_else(|| bad("yarn rope scaling without factor"))?;
+            let factor =
+                get_f64(obj, "factor").ok_or_else(|| bad("yarn rope scaling without factor"))?;
             if factor < 1.0 {
                 return Err(bad(format!("yarn factor must be >= 1, got {factor}")));
             }
@@ -311,7 +318,8 @@ fn parse_rope_scaling(value: Option<&Value>, max_position_embeddings: usize) -> 
                     0.1 * m * scale.ln() + 1.0
                 }
             };
-            let attention_factor = match (get_f64(obj, "attention_factor"), mscale, mscale_all_dim) {
+            let attention_factor = match (get_f64(obj, "attention_factor"), mscale, mscale_all_dim)
+            {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
                     yarn_mscale(factor, m) / yarn_mscale(factor, m_all)

@@ -10,8 +10,13 @@ use crate::batch::SeqSlice;
 pub trait KvCache {
     /// Stores this step's keys and values, (num_tokens, num_kv_heads, head_dim), for `seq` at
     /// `layer`, and returns all of that sequence's keys and values so far: (context, heads, dim).
-    fn append(&mut self, layer: usize, seq: &SeqSlice, k: &Tensor, v: &Tensor)
-        -> Result<(Tensor, Tensor)>;
+    fn append(
+        &mut self,
+        layer: usize,
+        seq: &SeqSlice,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
 }
 
 /// One growing tensor pair per sequence and layer. Simple and exact; no sharing or paging.
@@ -76,7 +81,11 @@ impl KvCache for ContiguousKvCache {
                 (Tensor::cat(&[&k_old, k], 0)?, Tensor::cat(&[&v_old, v], 0)?)
             }
             None if seq.start_pos > 0 => {
-                candle_core::bail!("slot {} has no cache but starts at {}", seq.slot, seq.start_pos)
+                candle_core::bail!(
+                    "slot {} has no cache but starts at {}",
+                    seq.slot,
+                    seq.start_pos
+                )
             }
             _ => (k.clone(), v.clone()),
         };

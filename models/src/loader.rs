@@ -49,18 +49,23 @@ impl HubOptions {
     pub fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let home = var("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let home = var("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache").join("huggingface")
         });
-        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
+        let cache_dir = var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
         let token = var("HF_TOKEN").or_else(|| {
             std::fs::read_to_string(hf_home.join("token"))
                 .ok()
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
         });
-        let offline = var("HF_HUB_OFFLINE")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        });
         Self {
             cache_dir,
             endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".to_string()),
@@ -103,7 +108,8 @@ fn is_hub_id(s: &str) -> bool {
         p.is_some_and(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
     };
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
@@ -131,7 +137,13 @@ fn collect_files(
         });
     };
     let tokenizer = fetch("tokenizer.json")?;
-    let mut optional = |name: &str| if has(name) { fetch(name).map(Some) } else { Ok(None) };
+    let mut optional = |name: &str| {
+        if has(name) {
+            fetch(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
     Ok(ModelFiles {
         tokenizer_config: optional("tokenizer_config.json")?,
         generation_config: optional("generation_config.json")?,
@@ -177,7 +189,10 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     let names: BTreeSet<String> = parsed.weight_map.into_values().collect();
     for name in &names {
         if name.contains('/') || name.contains("..") {
-            return Err(ModelError::Config(format!("shard name {name:?} in {} leaves the model directory", index.display())));
+            return Err(ModelError::Config(format!(
+                "shard name {name:?} in {} leaves the model directory",
+                index.display()
+            )));
         }
     }
     Ok(names.into_iter().collect())
@@ -248,7 +263,10 @@ fn list_repo(model: &str, revision: &str, hub: &HubOptions) -> Result<BTreeSet<S
         .timeout_read(hub.timeout)
         .try_proxy_from_env(true)
         .build();
-    let url = format!("{}/api/models/{model}/revision/{revision}", hub.endpoint.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/models/{model}/revision/{revision}",
+        hub.endpoint.trim_end_matches('/')
+    );
     let mut request = agent.get(&url);
     if let Some(token) = &hub.token {
         request = request.set("Authorization", &format!("Bearer {token}"));

@@ -43,10 +43,18 @@ impl DecoderLayer {
             Some(moe) if cfg.is_sparse_layer(layer) => {
                 FeedForward::Sparse(SparseMoe::load(cfg, moe, vb.pp("mlp"))?)
             }
-            _ => FeedForward::Dense(Mlp::load(vb.pp("mlp"), cfg.hidden_size, cfg.intermediate_size)?),
+            _ => FeedForward::Dense(Mlp::load(
+                vb.pp("mlp"),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+            )?),
         };
         Ok(Self {
-            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                &vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::load(
                 &vb.pp("post_attention_layernorm"),
@@ -75,7 +83,8 @@ impl QwenModel {
     /// Loads from a VarBuilder rooted at the checkpoint (names as in the HF checkpoint).
     pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let model = vb.pp("model");
-        let embed_tokens = Embedding::load(&model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens =
+            Embedding::load(&model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(cfg, i, model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -83,7 +92,12 @@ impl QwenModel {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?)
+            Some(Linear::load(
+                &vb.pp("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+            )?)
         };
         Ok(Self {
             cfg: cfg.clone(),

@@ -25,7 +25,9 @@ struct Fixture {
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
 }
 
 fn load(name: &str, dtype: DType) -> Fixture {
@@ -34,16 +36,35 @@ fn load(name: &str, dtype: DType) -> Fixture {
     let model = load_model(&files, dtype, &Device::Cpu).unwrap();
     let golden: Golden =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let logits = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-    Fixture { model, golden, logits }
+    let logits =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    Fixture {
+        model,
+        golden,
+        logits,
+    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
-fn forward(model: &QwenModel, cache: &mut ContiguousKvCache, seqs: &[(usize, usize, &[u32])], rows: LogitsRows) -> Tensor {
+fn forward(
+    model: &QwenModel,
+    cache: &mut ContiguousKvCache,
+    seqs: &[(usize, usize, &[u32])],
+    rows: LogitsRows,
+) -> Tensor {
     let batch = Batch::new(seqs, rows, model.max_positions(), model.device()).unwrap();
     model.forward(&batch, cache).unwrap()
 }
@@ -66,9 +87,15 @@ fn check_mixed_length_batch(name: &str) {
     let f = load(name, DType::F32);
     let prompts = &f.golden.prompt_ids;
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lens.iter().any(|&l| l != lens[0]), "the batch must mix lengths");
-    let seqs: Vec<(usize, usize, &[u32])> =
-        prompts.iter().enumerate().map(|(i, p)| (i, 0, p.as_slice())).collect();
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "the batch must mix lengths"
+    );
+    let seqs: Vec<(usize, usize, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, 0, p.as_slice()))
+        .collect();
     let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
     let logits = forward(&f.model, &mut cache, &seqs, LogitsRows::All);
     let mut offset = 0;
@@ -85,11 +112,24 @@ fn check_chunked_prefill(name: &str) {
     for (i, ids) in f.golden.prompt_ids.iter().enumerate() {
         let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
         let split = ids.len() / 2;
-        let first = forward(&f.model, &mut cache, &[(7, 0, &ids[..split])], LogitsRows::All);
-        let second = forward(&f.model, &mut cache, &[(7, split, &ids[split..])], LogitsRows::All);
+        let first = forward(
+            &f.model,
+            &mut cache,
+            &[(7, 0, &ids[..split])],
+            LogitsRows::All,
+        );
+        let second = forward(
+            &f.model,
+            &mut cache,
+            &[(7, split, &ids[split..])],
+            LogitsRows::All,
+        );
         let logits = Tensor::cat(&[first, second], 0).unwrap();
         let diff = max_abs_diff(&logits, &f.logits[&format!("logits.{i}")]);
-        assert!(diff <= F32_TOL, "{name} chunked prompt {i}: max abs diff {diff}");
+        assert!(
+            diff <= F32_TOL,
+            "{name} chunked prompt {i}: max abs diff {diff}"
+        );
     }
 }
 
@@ -99,8 +139,11 @@ fn check_greedy_batched(name: &str) {
     let f = load(name, DType::F32);
     let prompts = &f.golden.prompt_ids;
     let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
-    let seqs: Vec<(usize, usize, &[u32])> =
-        prompts.iter().enumerate().map(|(i, p)| (i, 0, p.as_slice())).collect();
+    let seqs: Vec<(usize, usize, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, 0, p.as_slice()))
+        .collect();
     let mut logits = forward(&f.model, &mut cache, &seqs, LogitsRows::LastPerSeq);
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     for _ in 0..32 {
@@ -116,7 +159,10 @@ fn check_greedy_batched(name: &str) {
         logits = forward(&f.model, &mut cache, &seqs, LogitsRows::LastPerSeq);
     }
     for (i, (ours, golden)) in generated.iter().zip(&f.golden.greedy).enumerate() {
-        assert_eq!(ours, golden, "{name} prompt {i}: greedy continuation differs");
+        assert_eq!(
+            ours, golden,
+            "{name} prompt {i}: greedy continuation differs"
+        );
     }
 }
 
@@ -152,8 +198,14 @@ fn check_bf16(name: &str) {
     }
     eprintln!("{name} bf16: max abs diff {worst:.4}, {over}/{positions} positions over {tol:.4}");
     if is_moe {
-        assert!(over * 20 <= positions, "{name} bf16: {over} of {positions} positions over {tol}");
-        assert!(worst <= 4.0 * tol, "{name} bf16: max abs diff {worst} > 4 x {tol}");
+        assert!(
+            over * 20 <= positions,
+            "{name} bf16: {over} of {positions} positions over {tol}"
+        );
+        assert!(
+            worst <= 4.0 * tol,
+            "{name} bf16: max abs diff {worst} > 4 x {tol}"
+        );
     } else {
         assert!(worst <= tol, "{name} bf16: max abs diff {worst} > {tol}");
     }
@@ -184,4 +236,3 @@ parity_tests! {
     qwen3_moe => "qwen3-moe",
     qwen2_moe => "qwen2-moe",
 }
-

@@ -22,7 +22,11 @@ pub struct Attention {
 
 impl Attention {
     pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, kv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let qkv_proj = Linear::load_merged(
             &[vb.pp("q_proj"), vb.pp("k_proj"), vb.pp("v_proj")],
             cfg.hidden_size,
@@ -64,7 +68,9 @@ impl Attention {
         let qkv = self.qkv_proj.forward(x)?;
         let q = qkv.narrow(1, 0, h * d)?.reshape((tokens, h, d))?;
         let k = qkv.narrow(1, h * d, kv * d)?.reshape((tokens, kv, d))?;
-        let v = qkv.narrow(1, (h + kv) * d, kv * d)?.reshape((tokens, kv, d))?;
+        let v = qkv
+            .narrow(1, (h + kv) * d, kv * d)?
+            .reshape((tokens, kv, d))?;
         // 2. Qwen3: RMSNorm each head of q and k.
         let q = match &self.q_norm {
             Some(n) => n.forward(&q.contiguous()?)?,
@@ -105,7 +111,10 @@ impl Attention {
         let ctx = k.dim(0)?;
         let dtype = q.dtype();
         // Query heads [g*group, (g+1)*group) share kv head g: fold them into the row dimension.
-        let q = q.transpose(0, 1)?.contiguous()?.reshape((kv, group * n, d))?;
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv, group * n, d))?;
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
@@ -132,9 +141,14 @@ impl Attention {
 fn causal_mask(n: usize, ctx: usize, start: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
-            (0..ctx).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+            (0..ctx).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
     Tensor::from_vec(mask, (n, ctx), device)
 }
-

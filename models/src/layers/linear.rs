@@ -7,7 +7,10 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// `y = x W^T + b` with `W` of shape (out, in).
-    Dense { weight: Tensor, bias: Option<Tensor> },
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {

@@ -57,7 +57,11 @@ impl SparseMoe {
             let chosen = &order[..self.top_k];
             let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
             for &e in chosen {
-                let w = if self.norm_topk_prob { p[e] / sum } else { p[e] };
+                let w = if self.norm_topk_prob {
+                    p[e] / sum
+                } else {
+                    p[e]
+                };
                 per_expert[e].0.push(token as u32);
                 per_expert[e].1.push(w);
             }
@@ -70,8 +74,9 @@ impl Module for SparseMoe {
     /// `x`: (tokens, hidden) -> (tokens, hidden).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let probs = candle_nn::ops::softmax_last_dim(&self.router.forward(x)?.to_dtype(DType::F32)?)?
-            .to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&self.router.forward(x)?.to_dtype(DType::F32)?)?
+                .to_vec2::<f32>()?;
         let mut out = x.zeros_like()?;
         for (expert, (tokens, weights)) in self.experts.iter().zip(self.route(&probs)) {
             if tokens.is_empty() {
@@ -80,7 +85,9 @@ impl Module for SparseMoe {
             let n = tokens.len();
             let idx = Tensor::from_vec(tokens, n, x.device())?;
             let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(dtype)?;
-            let y = expert.forward(&x.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+            let y = expert
+                .forward(&x.index_select(&idx, 0)?)?
+                .broadcast_mul(&w)?;
             out = out.index_add(&idx, &y, 0)?;
         }
         if let Some(shared) = &self.shared {

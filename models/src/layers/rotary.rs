@@ -61,7 +61,8 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> (Vec<f32>
                     let extrapolation_factor = 1.0 - ramp;
                     let extrapolation = 1.0 / p;
                     let interpolation = 1.0 / (factor as f32 * p);
-                    interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                    interpolation * (1.0 - extrapolation_factor)
+                        + extrapolation * extrapolation_factor
                 })
                 .collect();
             (inv, attention_factor as f32)

@@ -1,0 +1,70 @@
+//! Command-line interface.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ember",
+    version,
+    about = "High-performance inference server for Qwen models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text for one prompt and print it to stdout (timings go to stderr).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A local directory in Hugging Face layout, or a Hub model id (org/name).
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// With --chat: Qwen3's enable_thinking (default: the template's default).
+    #[arg(long, requires = "chat")]
+    pub enable_thinking: Option<bool>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 is greedy (default: generation_config.json's, else 1.0).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling (default: generation_config.json's, else 1.0).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Top-k sampling, 0 = off (default: generation_config.json's, else 0).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens (for fixed-length benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}

@@ -1,0 +1,92 @@
+//! `--device` and `--dtype` parsing, with per-device dtype defaults.
+
+use candle_core::{DType, Device};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device {0:?}: use cpu, cuda or cuda:N")]
+    Unknown(String),
+    #[error("unknown dtype {0:?}: use f32, bf16 or f16")]
+    UnknownDtype(String),
+    #[error("this ember was built without CUDA support: rebuild with `--features cuda`")]
+    NoCudaSupport,
+    #[error("CUDA device {ordinal}: {reason}")]
+    Cuda { ordinal: usize, reason: String },
+}
+
+/// A parsed `--device` value, before the device is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+        }
+    }
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<Device, DeviceError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(_) if !candle_core::utils::cuda_is_available() => {
+                Err(DeviceError::NoCudaSupport)
+            }
+            Self::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|e| DeviceError::Cuda {
+                ordinal,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// f32 on CPU (candle's CPU bf16 matmul converts to f32 on every call and is slower until
+    /// Ember's own CPU kernels land), bf16 on CUDA.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            Self::Cpu => DType::F32,
+            Self::Cuda(_) => DType::BF16,
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType, DeviceError> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(DeviceError::UnknownDtype(s.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_dtypes() {
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("float32").unwrap(), DType::F32);
+        assert!(parse_dtype("int8").is_err());
+    }
+}
