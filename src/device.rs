@@ -46,7 +46,8 @@ impl DeviceSpec {
             }
             Self::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|e| DeviceError::Cuda {
                 ordinal,
-                reason: e.to_string(),
+                // candle appends a backtrace to some errors; the first line is the message.
+                reason: e.to_string().lines().next().unwrap_or_default().to_string(),
             }),
         }
     }
