@@ -17,6 +17,47 @@ pub struct Cli {
 pub enum Command {
     /// Generate text for one prompt and print it to stdout (timings go to stderr).
     Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Engine throughput without HTTP: C requests at once, for each C given.
+    Offline(OfflineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// KV-cache budget in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: usize,
+    /// Token budget of one engine step.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OfflineArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Concurrencies to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]

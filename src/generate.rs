@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::device::DeviceSpec;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::template::ChatTemplate;
 
 /// Sampling defaults a checkpoint ships in generation_config.json.
@@ -96,7 +96,7 @@ impl LoadedModel {
             ));
         }
         let mut cache = ContiguousKvCache::new(self.model.config().num_hidden_layers);
-        let mut sampler = Sampler::new(params.clone());
+        let mut sampler = Sampler::new(params.clone(), prompt);
         let mut generated: Vec<u32> = Vec::with_capacity(max_tokens);
         let mut emitted = 0usize; // bytes of decoded text already passed to on_text
         let start = Instant::now();
@@ -119,7 +119,7 @@ impl LoadedModel {
                 prompt_time = start.elapsed();
             }
             position += next_input.len();
-            let token = sampler.sample(&logits);
+            let token = sampler.sample(&logits, &[]).token;
             if !ignore_eos && self.eos_token_ids.contains(&token) {
                 break;
             }

@@ -2,10 +2,12 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use ember::cli::{Cli, Command, GenerateArgs};
+use ember::bench::run_offline;
+use ember::cli::{BenchCommand, Cli, Command, GenerateArgs, OfflineArgs};
 use ember::device::{parse_dtype, DeviceSpec};
+use ember::engine::sampler::SamplingParams;
+use ember::engine::{EngineConfig, EngineHandle};
 use ember::generate::LoadedModel;
-use ember::sampling::SamplingParams;
 use ember::template::RenderOptions;
 
 fn main() {
@@ -19,6 +21,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Bench(BenchCommand::Offline(args)) => bench_offline(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -70,6 +73,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p.or(d.top_p).unwrap_or(1.0),
         top_k: args.top_k.or(d.top_k).unwrap_or(0),
         seed: args.seed,
+        ..SamplingParams::default()
     };
     let mut stdout = std::io::stdout().lock();
     let stats = loaded.generate(&ids, &params, args.max_tokens, args.ignore_eos, |text| {
@@ -85,5 +89,44 @@ fn generate(args: GenerateArgs) -> Result<()> {
         stats.generated_tokens,
         stats.decode_tokens_per_s()
     );
+    Ok(())
+}
+
+fn bench_offline(args: OfflineArgs) -> Result<()> {
+    let device: DeviceSpec = args.model.device.parse()?;
+    let dtype = args.model.dtype.as_deref().map(parse_dtype).transpose()?;
+    let loaded = LoadedModel::load(
+        &args.model.model,
+        args.model.revision.as_deref(),
+        device,
+        dtype,
+    )?;
+    let cfg = EngineConfig {
+        kv_cache_bytes: args.engine.kv_cache_mib << 20,
+        max_num_batched_tokens: args.engine.max_num_batched_tokens,
+        max_num_seqs: args.engine.max_num_seqs,
+        enable_prefix_caching: !args.engine.no_prefix_caching,
+        ..EngineConfig::default()
+    };
+    let (handle, _thread) = EngineHandle::spawn(loaded, &cfg)?;
+    let limits = handle.limits();
+    eprintln!(
+        "KV cache: {} blocks of {} tokens ({} tokens)",
+        limits.num_blocks, limits.block_size, limits.max_cache_tokens
+    );
+    println!("concurrency,input_len,output_len,seconds,output_tokens,output_tok_per_s,mean_ttft_s");
+    for &c in &args.concurrency {
+        let r = run_offline(&handle, c, args.input_len, args.output_len, args.seed)?;
+        println!(
+            "{},{},{},{:.2},{},{:.2},{:.3}",
+            r.concurrency,
+            r.input_len,
+            r.output_len,
+            r.elapsed.as_secs_f64(),
+            r.output_tokens,
+            r.output_tokens_per_s(),
+            r.mean_ttft.as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use ember::device::DeviceSpec;
+use ember::engine::sampler::SamplingParams;
 use ember::generate::LoadedModel;
-use ember::sampling::SamplingParams;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -24,13 +24,6 @@ fn fixture(name: &str) -> (PathBuf, Golden) {
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     (dir, golden)
 }
-
-const GREEDY: SamplingParams = SamplingParams {
-    temperature: 0.0,
-    top_p: 1.0,
-    top_k: 0,
-    seed: None,
-};
 
 #[test]
 fn greedy_generation_matches_transformers_for_every_architecture() {
@@ -50,7 +43,9 @@ fn greedy_generation_matches_transformers_for_every_architecture() {
                 ids, golden.prompt_ids[i],
                 "{name}: tokenization of prompt {i}"
             );
-            let stats = loaded.generate(&ids, &GREEDY, 32, true, |_| {}).unwrap();
+            let stats = loaded
+                .generate(&ids, &SamplingParams::greedy(), 32, true, |_| {})
+                .unwrap();
             assert_eq!(
                 stats.tokens, golden.greedy[i],
                 "{name}: greedy continuation of prompt {i}"
@@ -68,6 +63,7 @@ fn seeded_sampling_is_reproducible() {
         top_p: 0.95,
         top_k: 50,
         seed: Some(42),
+        ..Default::default()
     };
     let run = || {
         loaded

@@ -17,12 +17,35 @@ pub struct SeqSlice {
 }
 
 /// Which rows of the batch get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsRows {
     /// The last new token of each sequence (generation).
     LastPerSeq,
     /// Every new token (prompt logprobs, parity tests).
     All,
+    /// Per sequence: every new token (true) or the last one (false).
+    PerSeq(Vec<bool>),
+}
+
+impl LogitsRows {
+    /// Row indices into the flat batch, in order.
+    pub fn rows(&self, batch: &Batch) -> Vec<u32> {
+        let mut rows = Vec::new();
+        for (i, (offset, s)) in batch.offsets().enumerate() {
+            let all = match self {
+                Self::LastPerSeq => false,
+                Self::All => true,
+                Self::PerSeq(flags) => flags.get(i).copied().unwrap_or(false),
+            };
+            let first = if all {
+                offset
+            } else {
+                offset + s.num_tokens - 1
+            };
+            rows.extend(first as u32..(offset + s.num_tokens) as u32);
+        }
+        rows
+    }
 }
 
 #[derive(Debug, Clone)]

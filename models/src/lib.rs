@@ -12,6 +12,6 @@ pub mod qwen;
 pub use batch::{Batch, LogitsRows, SeqSlice};
 pub use config::{Arch, ModelConfig, MoeConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use kv_cache::{ContiguousKvCache, KvCache};
+pub use kv_cache::{ContiguousKvCache, KvCache, PagedKvCache};
 pub use loader::{eos_token_ids, load_model, resolve, resolve_with, HubOptions, ModelFiles};
 pub use qwen::QwenModel;

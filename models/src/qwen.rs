@@ -127,8 +127,8 @@ impl QwenModel {
         self.rotary.max_positions()
     }
 
-    /// Runs one batch. Returns f32 logits, (rows, vocab): one row per sequence
-    /// (`LogitsRows::LastPerSeq`, in batch order) or per token (`LogitsRows::All`).
+    /// Runs one batch. Returns f32 logits, (rows, vocab), for the rows `batch.logits_rows`
+    /// selects, in batch order.
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         // 1. Embed the new tokens and look up each one's rotary row.
         let mut x = self.embed_tokens.forward(&batch.token_ids)?;
@@ -142,21 +142,18 @@ impl QwenModel {
             x = (x + layer.mlp.forward(&h)?)?;
         }
         // 3. Only the rows that need logits go through the final norm and lm_head.
-        let x = match batch.logits_rows {
+        let x = match &batch.logits_rows {
             LogitsRows::All => x,
-            LogitsRows::LastPerSeq => {
-                let last: Vec<u32> = batch
-                    .offsets()
-                    .map(|(offset, s)| (offset + s.num_tokens - 1) as u32)
-                    .collect();
-                let n = last.len();
-                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            rows => {
+                let rows = rows.rows(batch);
+                let n = rows.len();
+                x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?
             }
         };
         let x = self.norm.forward(&x)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
-            None => x.matmul(&self.embed_tokens.weight().t()?)?,
+            None => ember_kernels::linear(&x, self.embed_tokens.weight())?,
         };
         logits.to_dtype(DType::F32)
     }

@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with merged q/k/v, optional q/k biases (Qwen2) and per-head
 //! q/k RMSNorm (Qwen3). Reads and writes the KV cache through [`KvCache`].
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{rotary::RopeRows, Linear, RmsNorm};
@@ -105,50 +105,7 @@ impl Attention {
     /// Causal attention of `q` (n, heads, dim) at positions start..start+n over `k`, `v`
     /// (context, kv_heads, dim) -> (n, heads * dim).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = h / kv;
-        let n = q.dim(0)?;
-        let ctx = k.dim(0)?;
-        let dtype = q.dtype();
-        // Query heads [g*group, (g+1)*group) share kv head g: fold them into the row dimension.
-        let q = q
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((kv, group * n, d))?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = if n > 1 {
-            let mask = causal_mask(n, ctx, start, q.device())?;
-            scores
-                .reshape((kv, group, n, ctx))?
-                .broadcast_add(&mask)?
-                .reshape((kv, group * n, ctx))?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs
-            .matmul(&v)?
-            .reshape((h, n, d))?
-            .transpose(0, 1)?
-            .reshape((n, h * d))
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        ember_kernels::causal_attention(q, k, v, start, scale)
     }
-}
-
-/// (n, ctx) additive mask: query i (at position start+i) sees keys 0..=start+i.
-fn causal_mask(n: usize, ctx: usize, start: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            (0..ctx).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (n, ctx), device)
 }

@@ -77,7 +77,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense { weight, bias } => {
-                let y = x.matmul(&weight.t()?)?;
+                let y = ember_kernels::linear(x, weight)?;
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

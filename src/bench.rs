@@ -1,0 +1,88 @@
+//! `ember bench offline`: engine throughput without HTTP. For each concurrency C, submits C
+//! requests of random prompt tokens at once (fixed input and output lengths, EOS ignored) and
+//! reports output tokens per second over the whole batch, plus time to first token.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::engine::{EngineEvent, EngineHandle, RequestStream, SamplingParams, ValidRequest};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfflineResult {
+    pub concurrency: usize,
+    pub input_len: usize,
+    pub output_len: usize,
+    pub elapsed: Duration,
+    pub output_tokens: usize,
+    pub mean_ttft: Duration,
+}
+
+impl OfflineResult {
+    pub fn output_tokens_per_s(&self) -> f64 {
+        self.output_tokens as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn wait(mut stream: RequestStream, start: Instant) -> Result<(usize, Duration)> {
+    let (mut tokens, mut ttft) = (0, None);
+    loop {
+        match stream
+            .blocking_recv()
+            .ok_or_else(|| anyhow!("the engine stopped"))?
+        {
+            EngineEvent::Token { .. } => {
+                tokens += 1;
+                ttft.get_or_insert_with(|| start.elapsed());
+            }
+            EngineEvent::Finished { .. } => return Ok((tokens, ttft.unwrap_or_default())),
+            _ => {}
+        }
+    }
+}
+
+/// Runs one batch of `concurrency` requests.
+pub fn run_offline(
+    handle: &EngineHandle,
+    concurrency: usize,
+    input_len: usize,
+    output_len: usize,
+    seed: u64,
+) -> Result<OfflineResult> {
+    let vocab = handle.limits().vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let requests: Vec<ValidRequest> = (0..concurrency)
+        .map(|_| {
+            // Random ids from the bulk of the vocabulary: no shared prefixes, no special tokens.
+            let prompt = (0..input_len)
+                .map(|_| rng.random_range(1000..vocab.min(100_000)))
+                .collect();
+            let mut r = ValidRequest::greedy(prompt, output_len);
+            r.ignore_eos = true;
+            r.sampling = SamplingParams::greedy();
+            r
+        })
+        .collect();
+    let start = Instant::now();
+    let streams = requests
+        .into_iter()
+        .map(|r| handle.submit(r).map_err(|e| anyhow!("{e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut output_tokens = 0;
+    let mut ttft_total = Duration::ZERO;
+    for s in streams {
+        let (tokens, ttft) = wait(s, start)?;
+        output_tokens += tokens;
+        ttft_total += ttft;
+    }
+    Ok(OfflineResult {
+        concurrency,
+        input_len,
+        output_len,
+        elapsed: start.elapsed(),
+        output_tokens,
+        mean_ttft: ttft_total / concurrency.max(1) as u32,
+    })
+}

@@ -1,0 +1,384 @@
+//! The engine loop. One OS thread owns the scheduler, the model, the KV cache and every
+//! sequence's sampler and detokenizer; the rest of the program talks to it through channels.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use ember_models::{Batch, LogitsRows, PagedKvCache, QwenModel};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::detokenizer::Detokenizer;
+use super::request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
+use super::sampler::{log_softmax, top_k_of, SampledToken, Sampler, SamplingParams};
+use super::scheduler::{Scheduler, SchedulerOutput};
+use super::sequence::{SeqId, Sequence};
+use super::stats::EngineStats;
+
+pub(crate) enum Command {
+    Submit {
+        request: Arc<ValidRequest>,
+        events: UnboundedSender<EngineEvent>,
+    },
+    Stats(std::sync::mpsc::Sender<EngineStats>),
+}
+
+/// Per-sequence state the scheduler does not need.
+struct SeqState {
+    request: Arc<ValidRequest>,
+    /// Which of the request's `n` completions this is.
+    index: usize,
+    sampler: Sampler,
+    detok: Detokenizer,
+    events: UnboundedSender<EngineEvent>,
+    /// Completions still to fork from this one when its prompt is done (n > 1).
+    children_to_fork: usize,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    num_cached_tokens: Option<usize>,
+}
+
+pub(crate) struct Engine {
+    model: QwenModel,
+    cache: PagedKvCache,
+    scheduler: Scheduler,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_id: SeqId,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        model: QwenModel,
+        cache: PagedKvCache,
+        scheduler: Scheduler,
+        tokenizer: Arc<Tokenizer>,
+        eos_token_ids: Vec<u32>,
+    ) -> Self {
+        Self {
+            model,
+            cache,
+            scheduler,
+            tokenizer,
+            eos_token_ids,
+            seqs: HashMap::new(),
+            next_id: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Runs until every handle is dropped and no work is left.
+    pub(crate) fn run(mut self, commands: Receiver<Command>) {
+        let mut connected = true;
+        loop {
+            // Block for work when idle; otherwise take what arrived and keep stepping.
+            if !self.scheduler.has_work() {
+                if !connected {
+                    return;
+                }
+                match commands.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        connected = false;
+                        break;
+                    }
+                }
+            }
+            self.abort_disconnected();
+            if self.scheduler.has_work() {
+                self.step();
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { request, events } => {
+                let children = request.n.saturating_sub(1);
+                self.add_sequence(request, events, 0, children);
+            }
+            Command::Stats(reply) => {
+                let mut stats = self.stats.clone();
+                stats.fill_from(&self.scheduler);
+                let _ = reply.send(stats);
+            }
+        }
+    }
+
+    fn add_sequence(
+        &mut self,
+        request: Arc<ValidRequest>,
+        events: UnboundedSender<EngineEvent>,
+        index: usize,
+        children: usize,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut params: SamplingParams = request.sampling.clone();
+        // Each completion of a seeded request gets its own, reproducible stream.
+        params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        let mut seq = Sequence::new(id, request.prompt.clone());
+        seq.use_prefix_cache = request.prompt_logprobs.is_none();
+        self.seqs.insert(
+            id,
+            SeqState {
+                sampler: Sampler::new(params, &request.prompt),
+                detok: Detokenizer::new(
+                    request.skip_special_tokens,
+                    request.stop.clone(),
+                    request.include_stop_str_in_output,
+                ),
+                index,
+                events,
+                children_to_fork: children,
+                prompt_logprobs: Vec::new(),
+                num_cached_tokens: None,
+                request,
+            },
+        );
+        self.scheduler.add(seq);
+    }
+
+    /// A closed event channel means the client left: free its sequences now.
+    fn abort_disconnected(&mut self) {
+        let gone: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.scheduler.remove(id);
+            self.seqs.remove(&id);
+            self.stats.num_aborted += 1;
+        }
+    }
+
+    fn step(&mut self) {
+        let out = self.scheduler.schedule();
+        self.stats.num_preemptions += out.preempted.len() as u64;
+        if out.is_empty() {
+            return;
+        }
+        // Prompt chunks of sequences that want prompt logprobs need every row's logits.
+        let all_rows: Vec<bool> = out
+            .seqs
+            .iter()
+            .map(|s| {
+                let wants = self
+                    .seqs
+                    .get(&s.id)
+                    .is_some_and(|st| st.request.prompt_logprobs.is_some());
+                wants && s.start_pos < st_prompt_len(&self.scheduler, s.id)
+            })
+            .collect();
+        match self.forward(&out, &all_rows) {
+            Ok(logits) => self.postprocess(&out, &all_rows, logits),
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                for s in &out.seqs {
+                    self.finish(s.id, FinishReason::Error, None);
+                }
+            }
+        }
+    }
+
+    fn forward(
+        &mut self,
+        out: &SchedulerOutput,
+        all_rows: &[bool],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let mut inputs: Vec<(usize, usize, &[u32])> = Vec::with_capacity(out.seqs.len());
+        let mut tables: Vec<&[u32]> = Vec::with_capacity(out.seqs.len());
+        for (slot, s) in out.seqs.iter().enumerate() {
+            let seq = self
+                .scheduler
+                .get(s.id)
+                .ok_or_else(|| candle_core::Error::Msg(format!("sequence {} vanished", s.id)))?;
+            inputs.push((
+                slot,
+                s.start_pos,
+                &seq.tokens()[s.start_pos..s.start_pos + s.num_tokens],
+            ));
+            tables.push(seq.block_table.blocks());
+        }
+        let rows = if all_rows.iter().any(|&a| a) {
+            LogitsRows::PerSeq(all_rows.to_vec())
+        } else {
+            LogitsRows::LastPerSeq
+        };
+        let batch = Batch::new(
+            &inputs,
+            rows,
+            self.model.max_positions(),
+            self.model.device(),
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.cache.prepare(&batch, &tables)?;
+        let logits: Tensor = self.model.forward(&batch, &mut self.cache)?;
+        logits.to_vec2::<f32>()
+    }
+
+    fn postprocess(&mut self, out: &SchedulerOutput, all_rows: &[bool], logits: Vec<Vec<f32>>) {
+        let ready = self.scheduler.on_step_done(out);
+        let mut row = 0;
+        for (s, &all) in out.seqs.iter().zip(all_rows) {
+            if let Some(state) = self.seqs.get_mut(&s.id) {
+                // The first scheduling starts after the prefix-cache hit.
+                state.num_cached_tokens.get_or_insert(s.start_pos);
+            }
+            let rows = if all { s.num_tokens } else { 1 };
+            let seq_logits = &logits[row..row + rows];
+            row += rows;
+            if all {
+                self.record_prompt_logprobs(s.id, s.start_pos, seq_logits);
+            }
+            if ready.contains(&s.id) {
+                if let Some(last) = seq_logits.last() {
+                    self.sample(s.id, last);
+                }
+            }
+        }
+    }
+
+    fn record_prompt_logprobs(&mut self, id: SeqId, start_pos: usize, rows: &[Vec<f32>]) {
+        let Some(seq) = self.scheduler.get(id) else {
+            return;
+        };
+        let Some(state) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let prompt = seq.prompt();
+        let k = state.request.prompt_logprobs.unwrap_or(0);
+        if start_pos >= prompt.len() {
+            return; // recomputing after preemption: the prompt logprobs were sent already
+        }
+        // Entry p is prompt token p's; nothing predicts the first. A recompute starts over.
+        state.prompt_logprobs.truncate(start_pos + 1);
+        if state.prompt_logprobs.is_empty() {
+            state.prompt_logprobs.push(None);
+        }
+        for (j, logits) in rows.iter().enumerate() {
+            let target = start_pos + j + 1;
+            if target >= prompt.len() {
+                break;
+            }
+            let lp = log_softmax(logits);
+            let token = prompt[target];
+            state.prompt_logprobs.push(Some(TokenLogprob {
+                token,
+                logprob: lp[token as usize],
+                top: top_k_of(&lp, k),
+            }));
+        }
+    }
+
+    fn sample(&mut self, id: SeqId, logits: &[f32]) {
+        let Some(seq) = self.scheduler.get(id) else {
+            return;
+        };
+        let num_output = seq.output().len();
+        let Some(state) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let req = state.request.clone();
+        if num_output == 0 {
+            // The prompt is done: prompt logprobs first, then fork the other completions.
+            if req.prompt_logprobs.is_some() && !state.prompt_logprobs.is_empty() {
+                let lps = std::mem::take(&mut state.prompt_logprobs);
+                let _ = state.events.send(EngineEvent::PromptLogprobs(lps));
+            }
+            let children = std::mem::take(&mut state.children_to_fork);
+            let events = state.events.clone();
+            for i in 1..=children {
+                self.add_sequence(req.clone(), events.clone(), i, 0);
+            }
+        }
+        let Some(state) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let banned: Vec<u32> = if !req.ignore_eos && num_output < req.min_tokens {
+            self.eos_token_ids
+                .iter()
+                .chain(&req.stop_token_ids)
+                .copied()
+                .collect()
+        } else if num_output < req.min_tokens {
+            req.stop_token_ids.clone()
+        } else {
+            Vec::new()
+        };
+        let SampledToken {
+            token,
+            logprob,
+            top_logprobs,
+        } = state.sampler.sample(logits, &banned);
+        self.scheduler.append_token(id, token);
+        self.stats.num_generated_tokens += 1;
+        let num_generated = num_output + 1;
+        let logprob = req.sampling.top_logprobs.map(|_| TokenLogprob {
+            token,
+            logprob,
+            top: top_logprobs,
+        });
+        let stop_token = (!req.ignore_eos && self.eos_token_ids.contains(&token))
+            || req.stop_token_ids.contains(&token);
+        let delta = if stop_token {
+            state.detok.finish(&self.tokenizer)
+        } else {
+            state.detok.push(&self.tokenizer, token)
+        };
+        let _ = state.events.send(EngineEvent::Token {
+            index: state.index,
+            token,
+            text: delta.text,
+            logprob,
+        });
+        if stop_token {
+            self.finish(id, FinishReason::Stop, Some(StopReason::Token(token)));
+        } else if let Some(stop) = delta.stopped_by {
+            self.finish(id, FinishReason::Stop, Some(StopReason::Text(stop)));
+        } else if num_generated >= req.max_tokens {
+            self.finish(id, FinishReason::Length, None);
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, reason: FinishReason, stop_reason: Option<StopReason>) {
+        let seq = self.scheduler.remove(id);
+        let Some(mut state) = self.seqs.remove(&id) else {
+            return;
+        };
+        let tail = state.detok.finish(&self.tokenizer);
+        if !tail.text.is_empty() {
+            // Text held back for stop-string matching.
+            let _ = state.events.send(EngineEvent::Text {
+                index: state.index,
+                text: tail.text,
+            });
+        }
+        let (prompt, generated) = seq.map_or((0, 0), |s| (s.prompt().len(), s.output().len()));
+        let _ = state.events.send(EngineEvent::Finished {
+            index: state.index,
+            reason,
+            stop_reason,
+            num_prompt_tokens: prompt,
+            num_generated_tokens: generated,
+            num_cached_tokens: state.num_cached_tokens.unwrap_or(0),
+        });
+        self.stats.record_finish(reason);
+    }
+}
+
+fn st_prompt_len(scheduler: &Scheduler, id: SeqId) -> usize {
+    scheduler.get(id).map_or(0, |s| s.prompt().len())
+}

@@ -1,0 +1,251 @@
+//! The engine (GUIDE.md §1): one OS thread owns the scheduler, block manager, model and KV
+//! cache. Everything else reaches it through an [`EngineHandle`], a cloneable channel front.
+//! Dropping a request's event stream cancels it: the engine aborts it at its next step and
+//! frees its blocks.
+
+pub mod block_manager;
+mod core;
+pub mod detokenizer;
+pub mod request;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+pub mod stats;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use candle_core::DType;
+use ember_models::PagedKvCache;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub use block_manager::{BlockHash, BlockId, BlockManager, BlockTable, PrefixCacheStats};
+pub use request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
+pub use sampler::SamplingParams;
+pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput};
+pub use sequence::{SeqId, Sequence};
+pub use stats::EngineStats;
+
+use self::core::{Command, Engine};
+use crate::generate::LoadedModel;
+
+/// Most alternatives per token that logprobs may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// KV-cache budget in bytes (keys and values of every layer).
+    pub kv_cache_bytes: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_bytes: 2 << 30,
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// What a request may ask for, known to the handle so it can refuse at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Prompt plus generated tokens of one sequence (the model's context).
+    pub max_model_len: usize,
+    /// Tokens the whole KV cache holds.
+    pub max_cache_tokens: usize,
+    pub vocab_size: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> SubmitError {
+    SubmitError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A request's events, in order; dropping it cancels the request.
+pub type RequestStream = UnboundedReceiver<EngineEvent>;
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    limits: EngineLimits,
+}
+
+impl EngineHandle {
+    /// Sizes the KV cache, starts the engine thread and returns its handle.
+    pub fn spawn(
+        loaded: LoadedModel,
+        cfg: &EngineConfig,
+    ) -> anyhow::Result<(Self, std::thread::JoinHandle<()>)> {
+        let model = loaded.model;
+        let mcfg = model.config().clone();
+        let dtype: DType = model.dtype();
+        let per_block = PagedKvCache::bytes_per_block(&mcfg, cfg.block_size, dtype);
+        let num_blocks = cfg.kv_cache_bytes / per_block.max(1);
+        if num_blocks == 0 {
+            anyhow::bail!(
+                "the KV-cache budget of {} bytes holds no block ({per_block} bytes each)",
+                cfg.kv_cache_bytes
+            );
+        }
+        let cache = PagedKvCache::new(&mcfg, num_blocks, cfg.block_size, dtype, model.device())?;
+        let limits = EngineLimits {
+            max_model_len: model.max_positions(),
+            max_cache_tokens: num_blocks * cfg.block_size,
+            vocab_size: mcfg.vocab_size,
+            num_blocks,
+            block_size: cfg.block_size,
+        };
+        tracing::info!(
+            num_blocks,
+            block_size = cfg.block_size,
+            max_cache_tokens = limits.max_cache_tokens,
+            "KV cache allocated"
+        );
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+                enable_prefix_caching: cfg.enable_prefix_caching,
+            },
+            BlockManager::new(num_blocks, cfg.block_size),
+        );
+        let engine = Engine::new(
+            model,
+            cache,
+            scheduler,
+            Arc::new(loaded.tokenizer),
+            loaded.eos_token_ids,
+        );
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ember-engine".into())
+            .spawn(move || engine.run(rx))?;
+        Ok((
+            Self {
+                commands: tx,
+                limits,
+            },
+            thread,
+        ))
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    /// Checks a request against the engine's limits, then queues it.
+    pub fn submit(&self, request: ValidRequest) -> Result<RequestStream, SubmitError> {
+        self.check(&request)?;
+        let (events, stream) = unbounded_channel();
+        self.commands
+            .send(Command::Submit {
+                request: Arc::new(request),
+                events,
+            })
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(stream)
+    }
+
+    fn check(&self, r: &ValidRequest) -> Result<(), SubmitError> {
+        let l = &self.limits;
+        if r.prompt.is_empty() {
+            return Err(invalid("prompt", "the prompt is empty"));
+        }
+        if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    l.vocab_size
+                ),
+            ));
+        }
+        if r.max_tokens == 0 {
+            return Err(invalid("max_tokens", "must be at least 1"));
+        }
+        if r.min_tokens > r.max_tokens {
+            return Err(invalid(
+                "min_tokens",
+                format!(
+                    "{} is more than max_tokens ({})",
+                    r.min_tokens, r.max_tokens
+                ),
+            ));
+        }
+        let total = r.prompt.len().saturating_add(r.max_tokens);
+        if total > l.max_model_len {
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context length of {} tokens",
+                    r.prompt.len(),
+                    r.max_tokens,
+                    l.max_model_len
+                ),
+            ));
+        }
+        if total > l.max_cache_tokens {
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "the prompt plus max_tokens ({total} tokens) exceeds the KV cache ({} tokens)",
+                    l.max_cache_tokens
+                ),
+            ));
+        }
+        if r.n == 0 {
+            return Err(invalid("n", "must be at least 1"));
+        }
+        for (field, k) in [
+            ("top_logprobs", r.sampling.top_logprobs),
+            ("prompt_logprobs", r.prompt_logprobs),
+        ] {
+            if k.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+                return Err(invalid(field, format!("at most {MAX_TOP_LOGPROBS}")));
+            }
+        }
+        if let Some(&(bad, _)) = r
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= l.vocab_size)
+        {
+            return Err(invalid(
+                "logit_bias",
+                format!("token id {bad} is outside the vocabulary"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The engine's counters, or None when it has stopped.
+    pub fn stats(&self) -> Option<EngineStats> {
+        let (tx, rx) = mpsc::channel();
+        self.commands.send(Command::Stats(tx)).ok()?;
+        rx.recv().ok()
+    }
+}

@@ -1,0 +1,409 @@
+//! Per-sequence sampling: logit processors (logit_bias, min_tokens, repetition / presence /
+//! frequency penalties), then greedy or temperature sampling with top-k, top-p and min-p, from
+//! a per-sequence seeded RNG so that a seeded request gets the same tokens whatever else runs
+//! in its batch. Log-probabilities are those of the model's raw distribution.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Validated sampling parameters of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1.0 disables nucleus filtering.
+    pub top_p: f32,
+    /// 0 disables top-k filtering.
+    pub top_k: usize,
+    /// 0 disables min-p filtering.
+    pub min_p: f32,
+    /// 1.0 disables it; divides positive and multiplies negative logits of seen tokens.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+    /// How many most likely alternatives to report per token (0..=20), when logprobs are wanted.
+    pub top_logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            top_logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// The sampled token with its log-probability and, when asked for, the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Occurrences of each generated token (frequency/presence penalties).
+    output_counts: HashMap<u32, u32>,
+    /// Tokens of the prompt and output (repetition penalty).
+    seen: std::collections::HashSet<u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            Default::default()
+        };
+        Self {
+            params,
+            rng,
+            output_counts: HashMap::new(),
+            seen,
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits. `banned` tokens (EOS and stop ids while
+    /// below min_tokens) cannot be picked.
+    pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {
+        let raw_logprobs = self
+            .params
+            .top_logprobs
+            .is_some()
+            .then(|| log_softmax(logits));
+        let mut logits = logits.to_vec();
+        self.process(&mut logits, banned);
+        let token = if self.params.temperature <= 0.0 {
+            argmax(&logits)
+        } else {
+            self.sample_random(&logits)
+        };
+        self.record(token);
+        let (logprob, top_logprobs) = match (&raw_logprobs, self.params.top_logprobs) {
+            (Some(lp), Some(k)) => (lp[token as usize], top_k_of(lp, k)),
+            _ => (f32::NAN, Vec::new()),
+        };
+        SampledToken {
+            token,
+            logprob,
+            top_logprobs,
+        }
+    }
+
+    fn process(&self, logits: &mut [f32], banned: &[u32]) {
+        let p = &self.params;
+        for &(token, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &t in &self.seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+                }
+            }
+        }
+        for &t in banned {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    fn record(&mut self, token: u32) {
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.output_counts.entry(token).or_insert(0) += 1;
+        }
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(token);
+        }
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weight = |l: f32| ((l - max) * inv_t).exp();
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Plain temperature sampling: one pass over the vocabulary, no sort.
+            let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+            let mut r = self.rng.random::<f32>() * total;
+            let mut last = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                let w = weight(l);
+                if w > 0.0 {
+                    last = i;
+                    if r < w {
+                        return i as u32;
+                    }
+                    r -= w;
+                }
+            }
+            return last as u32;
+        }
+        // (token, weight), highest first; ties by token id.
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, weight(l)))
+            .filter(|&(_, w)| w > 0.0)
+            .collect();
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(p.top_k - 1, by_weight);
+            candidates.truncate(p.top_k);
+        }
+        candidates.sort_unstable_by(by_weight);
+        if p.min_p > 0.0 {
+            // Relative to the most likely token (weights are exp(l - max)/T, so its weight is 1).
+            let threshold = p.min_p * candidates.first().map_or(0.0, |c| c.1);
+            candidates.retain(|c| c.1 >= threshold);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = candidates.iter().map(|c| c.1).sum();
+            let mut cumulative = 0.0;
+            let mut keep = candidates.len();
+            for (i, c) in candidates.iter().enumerate() {
+                cumulative += c.1 / total;
+                if cumulative >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            candidates.truncate(keep);
+        }
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for &(token, w) in &candidates {
+            if r < w {
+                return token;
+            }
+            r -= w;
+        }
+        candidates.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest logit; the lowest index wins ties (as torch.argmax).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    logits.iter().map(|&l| l - log_z).collect()
+}
+
+/// The `k` most likely (token, logprob), highest first; ties by token id.
+pub fn top_k_of(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k > 0 && k < all.len() {
+        all.select_nth_unstable_by(k - 1, by);
+    }
+    all.truncate(k);
+    all.sort_unstable_by(by);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params, &[])
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = sampler(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).token, 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        for params in [
+            SamplingParams {
+                temperature: 0.8,
+                seed: Some(7),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                top_k: 20,
+                min_p: 0.05,
+                seed: Some(7),
+                ..Default::default()
+            },
+        ] {
+            let run = || {
+                let mut s = sampler(params.clone());
+                (0..20)
+                    .map(|_| s.sample(&logits, &[]).token)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(run(), run());
+        }
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_keep_the_right_candidates() {
+        let logits = [1.0, 5.0, 2.0, 4.9];
+        let seen = |params: SamplingParams| {
+            let mut s = sampler(params);
+            (0..300)
+                .map(|_| s.sample(&logits, &[]).token)
+                .collect::<std::collections::BTreeSet<u32>>()
+        };
+        let base = SamplingParams {
+            temperature: 1.0,
+            seed: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            seen(SamplingParams {
+                top_k: 1,
+                ..base.clone()
+            }),
+            [1].into()
+        );
+        // p(1) ~ 0.50, p(3) ~ 0.45: top_p 0.6 keeps exactly those two.
+        assert_eq!(
+            seen(SamplingParams {
+                top_p: 0.6,
+                ..base.clone()
+            }),
+            [1, 3].into()
+        );
+        // min_p 0.5: tokens at least half as likely as the best: 1 and 3.
+        assert_eq!(
+            seen(SamplingParams {
+                min_p: 0.5,
+                ..base.clone()
+            }),
+            [1, 3].into()
+        );
+        assert_eq!(seen(base), [0, 1, 2, 3].into());
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_greedy_choice() {
+        // Frequency penalty: after picking 0 twice its logit drops below 1's.
+        let mut s = sampler(SamplingParams {
+            frequency_penalty: 0.6,
+            ..SamplingParams::greedy()
+        });
+        let logits = [2.0, 1.0];
+        let picks: Vec<u32> = (0..3).map(|_| s.sample(&logits, &[]).token).collect();
+        assert_eq!(picks, vec![0, 0, 1]);
+        // Presence penalty applies once per seen token, however often: 1.5 vs 1.2 after both.
+        let mut s = sampler(SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        });
+        let picks: Vec<u32> = (0..3).map(|_| s.sample(&[2.0, 1.7], &[]).token).collect();
+        assert_eq!(picks, vec![0, 1, 0]);
+        // Repetition penalty counts the prompt too: 2.0/2 = 1.0 < 1.5.
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[0],
+        );
+        assert_eq!(s.sample(&[2.0, 1.5], &[]).token, 1);
+        // Negative logits are multiplied: -1 * 2 = -2 < -1.5.
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[0],
+        );
+        assert_eq!(s.sample(&[-1.0, -1.5], &[]).token, 1);
+        let mut s = sampler(SamplingParams {
+            logit_bias: vec![(1, 5.0)],
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&[2.0, 1.0], &[]).token, 1);
+        let mut s = sampler(SamplingParams::greedy());
+        assert_eq!(s.sample(&[2.0, 1.0], &[0]).token, 1, "banned");
+    }
+
+    #[test]
+    fn logprobs_are_of_the_raw_distribution() {
+        let mut s = sampler(SamplingParams {
+            top_logprobs: Some(2),
+            temperature: 0.0,
+            logit_bias: vec![(2, 10.0)],
+            ..Default::default()
+        });
+        let logits = [0.0f32, (2.0f32).ln(), 0.0];
+        let out = s.sample(&logits, &[]);
+        assert_eq!(out.token, 2);
+        // softmax([0, ln2, 0]) = [0.25, 0.5, 0.25]
+        assert!((out.logprob - 0.25f32.ln()).abs() < 1e-6);
+        assert_eq!(out.top_logprobs[0].0, 1);
+        assert!((out.top_logprobs[0].1 - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(out.top_logprobs[1].0, 0, "ties go to the lower id");
+    }
+}

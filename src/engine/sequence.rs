@@ -1,0 +1,66 @@
+//! A sequence as the scheduler sees it: its tokens, how many of them have their KV in the
+//! cache, and its blocks. No tensors.
+
+use super::block_manager::BlockTable;
+
+pub type SeqId = u64;
+
+#[derive(Debug)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt tokens followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens whose keys and values are in the cache.
+    pub num_computed: usize,
+    pub block_table: BlockTable,
+    /// False when every prompt token must be computed (prompt logprobs need their logits).
+    pub use_prefix_cache: bool,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, prompt: Vec<u32>) -> Self {
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            block_table: BlockTable::default(),
+            use_prefix_cache: true,
+        }
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Tokens still to be run through the model.
+    pub fn num_uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// The tokens and the block table at once (the block manager reads one and updates the other).
+    pub fn tokens_and_table(&mut self) -> (&[u32], &mut BlockTable) {
+        (&self.tokens, &mut self.block_table)
+    }
+
+    pub fn push_token(&mut self, token: u32) {
+        self.tokens.push(token);
+    }
+}

@@ -1,0 +1,50 @@
+//! Counters the engine keeps, read through `EngineHandle::stats` (the metrics endpoint later).
+
+use super::request::FinishReason;
+use super::scheduler::Scheduler;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub num_blocks: usize,
+    pub num_free_blocks: usize,
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub num_preemptions: u64,
+    pub num_aborted: u64,
+    pub num_generated_tokens: u64,
+    pub num_finished_stop: u64,
+    pub num_finished_length: u64,
+    pub num_finished_error: u64,
+}
+
+impl EngineStats {
+    pub(crate) fn record_finish(&mut self, reason: FinishReason) {
+        match reason {
+            FinishReason::Stop => self.num_finished_stop += 1,
+            FinishReason::Length => self.num_finished_length += 1,
+            FinishReason::Error => self.num_finished_error += 1,
+        }
+    }
+
+    pub(crate) fn fill_from(&mut self, scheduler: &Scheduler) {
+        let blocks = scheduler.blocks();
+        let prefix = blocks.prefix_cache_stats();
+        self.num_running = scheduler.num_running();
+        self.num_waiting = scheduler.num_waiting();
+        self.num_blocks = blocks.num_blocks();
+        self.num_free_blocks = blocks.num_free_blocks();
+        self.prefix_cache_queried_tokens = prefix.queried_tokens;
+        self.prefix_cache_hit_tokens = prefix.hit_tokens;
+    }
+
+    /// Fraction of KV-cache blocks in use.
+    pub fn kv_cache_usage(&self) -> f64 {
+        if self.num_blocks == 0 {
+            0.0
+        } else {
+            1.0 - self.num_free_blocks as f64 / self.num_blocks as f64
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The engine on the tiny fixtures: continuous batching equals single runs and transformers'
+//! golden continuations; seeded sampling does not depend on the batch; prefix caching skips a
+//! shared prefix; a small cache completes everything through preemption; dropping a stream
+//! frees its blocks.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ember::device::DeviceSpec;
+use ember::engine::{
+    EngineConfig, EngineEvent, EngineHandle, FinishReason, RequestStream, SamplingParams,
+    ValidRequest,
+};
+use ember::generate::LoadedModel;
+use ember_models::PagedKvCache;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    prompt_ids: Vec<Vec<u32>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+fn fixture(name: &str) -> (LoadedModel, Golden) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name);
+    let golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    (
+        LoadedModel::load(dir.to_str().unwrap(), None, DeviceSpec::Cpu, None).unwrap(),
+        golden,
+    )
+}
+
+fn engine(name: &str, cfg: EngineConfig) -> (EngineHandle, Golden) {
+    let (loaded, golden) = fixture(name);
+    let (handle, _thread) = EngineHandle::spawn(loaded, &cfg).unwrap();
+    (handle, golden)
+}
+
+/// KV-cache bytes for `blocks` blocks of 16 tokens of a fixture model (f32).
+fn cache_bytes(name: &str, blocks: usize) -> usize {
+    let (loaded, _) = fixture(name);
+    blocks * PagedKvCache::bytes_per_block(loaded.model.config(), 16, loaded.model.dtype())
+}
+
+#[derive(Debug, Default, Clone)]
+struct Completion {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    text: String,
+    reason: Option<FinishReason>,
+    num_cached_tokens: usize,
+}
+
+/// Collects a stream's completions (indexed by choice).
+fn collect(mut stream: RequestStream, n: usize) -> Vec<Completion> {
+    let mut out = vec![Completion::default(); n];
+    let mut done = 0;
+    while done < n {
+        match stream
+            .blocking_recv()
+            .expect("the engine ended the stream early")
+        {
+            EngineEvent::Token {
+                index,
+                token,
+                text,
+                logprob,
+            } => {
+                out[index].tokens.push(token);
+                out[index].text.push_str(&text);
+                out[index].logprobs.extend(logprob.map(|l| l.logprob));
+            }
+            EngineEvent::Text { index, text } => out[index].text.push_str(&text),
+            EngineEvent::Finished {
+                index,
+                reason,
+                num_cached_tokens,
+                ..
+            } => {
+                out[index].reason = Some(reason);
+                out[index].num_cached_tokens = num_cached_tokens;
+                done += 1;
+            }
+            EngineEvent::PromptLogprobs(_) => {}
+        }
+    }
+    out
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
+    let mut r = ValidRequest::greedy(prompt, max_tokens);
+    r.ignore_eos = true;
+    r.sampling.top_logprobs = Some(0);
+    r
+}
+
+/// Prompts of mixed lengths over the fixture vocabulary (ids below 500).
+fn extra_prompts(count: usize) -> Vec<Vec<u32>> {
+    (0..count)
+        .map(|i| {
+            (0..3 + 5 * i)
+                .map(|j| ((i * 131 + j * 17) % 480) as u32 + 10)
+                .collect()
+        })
+        .collect()
+}
+
+fn small_config() -> EngineConfig {
+    EngineConfig {
+        kv_cache_bytes: 64 << 20,
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn sixteen_concurrent_requests_equal_single_runs_and_transformers() {
+    for name in ["qwen2", "qwen3-moe"] {
+        let (handle, golden) = engine(name, small_config());
+        let mut prompts: Vec<Vec<u32>> = golden.prompt_ids.clone();
+        prompts.extend(extra_prompts(12));
+        // Single runs, one at a time.
+        let singles: Vec<Completion> = prompts
+            .iter()
+            .map(|p| collect(handle.submit(greedy(p.clone(), 32)).unwrap(), 1).remove(0))
+            .collect();
+        // All sixteen at once.
+        let streams: Vec<RequestStream> = prompts
+            .iter()
+            .map(|p| handle.submit(greedy(p.clone(), 32)).unwrap())
+            .collect();
+        let batched: Vec<Completion> = streams
+            .into_iter()
+            .map(|s| collect(s, 1).remove(0))
+            .collect();
+        for (i, (single, batch)) in singles.iter().zip(&batched).enumerate() {
+            assert_eq!(
+                batch.tokens, single.tokens,
+                "{name} request {i}: batched tokens differ from the single run"
+            );
+            // Batch invariance, bit for bit: the same log-probabilities whatever the batch.
+            assert_eq!(
+                batch.logprobs, single.logprobs,
+                "{name} request {i}: logprobs depend on the batch"
+            );
+            assert_eq!(batch.reason, Some(FinishReason::Length));
+            if i < golden.greedy.len() {
+                assert_eq!(
+                    batch.tokens, golden.greedy[i],
+                    "{name} request {i}: differs from transformers"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_does_not_depend_on_the_batch() {
+    let (handle, golden) = engine("qwen3", small_config());
+    let mut request = ValidRequest::greedy(golden.prompt_ids[0].clone(), 24);
+    request.ignore_eos = true;
+    request.sampling = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 40,
+        seed: Some(1234),
+        ..Default::default()
+    };
+    let alone = collect(handle.submit(request.clone()).unwrap(), 1)
+        .remove(0)
+        .tokens;
+    // Same request amid others, twice with different neighbours.
+    for salt in 0..2 {
+        let others: Vec<RequestStream> = extra_prompts(6 + salt)
+            .into_iter()
+            .map(|p| {
+                let mut r = ValidRequest::greedy(p, 10 + salt * 7);
+                r.sampling = SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(salt as u64),
+                    ..Default::default()
+                };
+                handle.submit(r).unwrap()
+            })
+            .collect();
+        let mixed = collect(handle.submit(request.clone()).unwrap(), 1)
+            .remove(0)
+            .tokens;
+        assert_eq!(mixed, alone, "mix {salt}");
+        for s in others {
+            collect(s, 1);
+        }
+    }
+    assert_ne!(
+        alone,
+        golden.greedy[0][..24].to_vec(),
+        "sampling should leave the greedy path"
+    );
+}
+
+#[test]
+fn a_shared_64_token_prefix_is_computed_once() {
+    let (handle, _) = engine("qwen2", small_config());
+    let prefix: Vec<u32> = (0..64).map(|i| (i * 37 % 480) as u32 + 5).collect();
+    let mut first = prefix.clone();
+    first.extend([7, 8, 9]);
+    let mut second = prefix.clone();
+    second.extend([100, 101, 102, 103, 104]);
+    let a = collect(handle.submit(greedy(first, 4)).unwrap(), 1).remove(0);
+    assert_eq!(a.num_cached_tokens, 0);
+    let before = handle.stats().unwrap();
+    let b = collect(handle.submit(greedy(second.clone(), 4)).unwrap(), 1).remove(0);
+    let after = handle.stats().unwrap();
+    assert_eq!(
+        b.num_cached_tokens, 64,
+        "only the 5-token suffix is computed"
+    );
+    assert_eq!(
+        after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens,
+        64
+    );
+    // The same tokens as without the cache.
+    let (fresh, _) = engine(
+        "qwen2",
+        EngineConfig {
+            enable_prefix_caching: false,
+            ..small_config()
+        },
+    );
+    let c = collect(fresh.submit(greedy(second, 4)).unwrap(), 1).remove(0);
+    assert_eq!(c.num_cached_tokens, 0);
+    assert_eq!(b.tokens, c.tokens);
+}
+
+#[test]
+fn a_cache_for_two_requests_completes_sixteen_through_preemption() {
+    // Each request needs up to 3 blocks (<= 18 prompt + 32 generated tokens); 6 blocks hold two.
+    let cfg = EngineConfig {
+        kv_cache_bytes: cache_bytes("qwen3", 6),
+        max_num_batched_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (handle, golden) = engine("qwen3", cfg);
+    let mut prompts: Vec<Vec<u32>> = golden.prompt_ids.clone();
+    prompts.extend(extra_prompts(4));
+    prompts = prompts.into_iter().cycle().take(16).collect();
+    let streams: Vec<RequestStream> = prompts
+        .iter()
+        .map(|p| handle.submit(greedy(p.clone(), 32)).unwrap())
+        .collect();
+    let results: Vec<Completion> = streams
+        .into_iter()
+        .map(|s| collect(s, 1).remove(0))
+        .collect();
+    let (reference, _) = engine("qwen3", small_config());
+    for (i, (p, r)) in prompts.iter().zip(&results).enumerate() {
+        let expected = collect(reference.submit(greedy(p.clone(), 32)).unwrap(), 1).remove(0);
+        assert_eq!(r.tokens, expected.tokens, "request {i}");
+        if let Some(g) = golden.prompt_ids.iter().position(|gp| gp == p) {
+            assert_eq!(r.tokens, golden.greedy[g], "request {i} vs transformers");
+        }
+    }
+    let stats = handle.stats().unwrap();
+    assert!(
+        stats.num_preemptions > 0,
+        "expected preemptions with a 6-block cache: {stats:?}"
+    );
+    assert_eq!(stats.num_free_blocks, stats.num_blocks);
+}
+
+#[test]
+fn dropping_the_stream_aborts_and_frees_blocks() {
+    let (handle, golden) = engine("qwen2", small_config());
+    let mut stream = handle
+        .submit(greedy(golden.prompt_ids[0].clone(), 400))
+        .unwrap();
+    assert!(matches!(
+        stream.blocking_recv(),
+        Some(EngineEvent::Token { .. })
+    ));
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = handle.stats().unwrap();
+        if stats.num_aborted == 1
+            && stats.num_free_blocks == stats.num_blocks
+            && stats.num_running == 0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not aborted: {stats:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The engine still serves others.
+    let c = collect(
+        handle
+            .submit(greedy(golden.prompt_ids[1].clone(), 32))
+            .unwrap(),
+        1,
+    )
+    .remove(0);
+    assert_eq!(c.tokens, golden.greedy[1]);
+}
+
+#[test]
+fn n_completions_share_the_prompt_and_seeds_differ_per_completion() {
+    let (handle, _) = engine("qwen3", small_config());
+    let prompt = extra_prompts(8).pop().unwrap(); // 38 tokens: two full blocks
+    let mut r = ValidRequest::greedy(prompt.clone(), 12);
+    r.ignore_eos = true;
+    r.n = 3;
+    r.sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let a = collect(handle.submit(r.clone()).unwrap(), 3);
+    let b = collect(handle.submit(r).unwrap(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.tokens.len(), 12);
+        assert_eq!(x.tokens, y.tokens, "seeded n>1 is reproducible");
+    }
+    assert!(
+        a[0].tokens != a[1].tokens || a[1].tokens != a[2].tokens,
+        "completions differ"
+    );
+    // The forked completions found the prompt's full blocks cached.
+    assert!(
+        a[1..].iter().all(|c| c.num_cached_tokens == 32),
+        "{:?}",
+        a.iter().map(|c| c.num_cached_tokens).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn stop_strings_stop_tokens_min_tokens_and_eos() {
+    let (handle, golden) = engine("qwen2", small_config());
+    let tokenizer = tokenizers::Tokenizer::from_file(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/qwen2/tokenizer.json"),
+    )
+    .unwrap();
+    let full_text = tokenizer.decode(&golden.greedy[0], true).unwrap();
+    // A stop string from the middle of the golden text: output is the text before it.
+    let chars: Vec<char> = full_text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let expected_prefix = &full_text[..full_text.find(&stop).unwrap()];
+    let mut r = greedy(golden.prompt_ids[0].clone(), 32);
+    r.stop = vec![stop.clone()];
+    let c = collect(handle.submit(r).unwrap(), 1).remove(0);
+    assert_eq!(c.reason, Some(FinishReason::Stop));
+    assert_eq!(c.text, expected_prefix);
+    // A stop token: the fifth golden token.
+    let mut r = greedy(golden.prompt_ids[0].clone(), 32);
+    r.stop_token_ids = vec![golden.greedy[0][4]];
+    let first = golden.greedy[0]
+        .iter()
+        .position(|&t| t == golden.greedy[0][4])
+        .unwrap();
+    let c = collect(handle.submit(r.clone()).unwrap(), 1).remove(0);
+    assert_eq!(c.reason, Some(FinishReason::Stop));
+    assert_eq!(c.tokens, golden.greedy[0][..=first].to_vec());
+    // min_tokens bans it until then.
+    r.min_tokens = first + 1;
+    let c = collect(handle.submit(r).unwrap(), 1).remove(0);
+    assert!(c.tokens.len() > first + 1);
+    assert!(c.tokens[..=first].iter().all(|&t| t != golden.greedy[0][4]));
+}
+
+#[test]
+fn bad_requests_are_refused_at_submit() {
+    let (handle, _) = engine("qwen2", small_config());
+    let limits = handle.limits();
+    assert!(handle.submit(ValidRequest::greedy(vec![], 4)).is_err());
+    assert!(handle.submit(ValidRequest::greedy(vec![1], 0)).is_err());
+    assert!(handle
+        .submit(ValidRequest::greedy(vec![limits.vocab_size as u32], 4))
+        .is_err());
+    let err = handle
+        .submit(ValidRequest::greedy(vec![1; 10], limits.max_model_len))
+        .unwrap_err();
+    assert!(err.to_string().contains("context length"), "{err}");
+}
