@@ -78,23 +78,51 @@ fn dots<W: Weight>(xs: &[&[f32]], w: &[W], out: &mut [f32]) {
     }
 }
 
+/// One task: weight rows `wblock` against every row of `x`, into `local` (cols, m).
+#[inline(always)]
+fn task_body<W: Weight>(x: &[f32], wblock: &[W], m: usize, k: usize, local: &mut [f32]) {
+    let mut i = 0;
+    while i < m {
+        let rows = ROW_BLOCK.min(m - i);
+        let mut xs: [&[f32]; ROW_BLOCK] = [&[]; ROW_BLOCK];
+        for (r, slot) in xs.iter_mut().enumerate().take(rows) {
+            *slot = &x[(i + r) * k..(i + r + 1) * k];
+        }
+        let mut out = [0f32; ROW_BLOCK];
+        for (j, wrow) in wblock.chunks_exact(k).enumerate() {
+            dots(&xs[..rows], wrow, &mut out[..rows]);
+            local[j * m + i..j * m + i + rows].copy_from_slice(&out[..rows]);
+        }
+        i += rows;
+    }
+}
+
+/// The same code compiled for AVX2: wider vectors, the same per-lane arithmetic and order
+/// (no FMA contraction), so results are bit-identical to the portable path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn task_avx2<W: Weight>(x: &[f32], wblock: &[W], m: usize, k: usize, local: &mut [f32]) {
+    task_body(x, wblock, m, k, local)
+}
+
+fn task<W: Weight>(x: &[f32], wblock: &[W], m: usize, k: usize, local: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        unsafe { task_avx2(x, wblock, m, k, local) };
+        return;
+    }
+    task_body(x, wblock, m, k, local)
+}
+
 /// The whole product; `x` is (m, k) f32, `w` is (n, k). Returns (m, n) f32.
 fn matmul_bt<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f32> {
     let blocks: Vec<Vec<f32>> = w
         .par_chunks(COLS_PER_TASK * k)
         .map(|wblock| {
-            let cols = wblock.len() / k;
             // (cols, m): column-major within the task.
-            let mut local = vec![0f32; cols * m];
-            for (j, wrow) in wblock.chunks_exact(k).enumerate() {
-                let mut i = 0;
-                while i < m {
-                    let rows = ROW_BLOCK.min(m - i);
-                    let xs: Vec<&[f32]> = (i..i + rows).map(|r| &x[r * k..(r + 1) * k]).collect();
-                    dots(&xs, wrow, &mut local[j * m + i..j * m + i + rows]);
-                    i += rows;
-                }
-            }
+            let mut local = vec![0f32; wblock.len() / k * m];
+            task(x, wblock, m, k, &mut local);
             local
         })
         .collect();
