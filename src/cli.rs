@@ -30,9 +30,13 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// KV-cache budget in MiB.
-    #[arg(long, default_value_t = 2048)]
-    pub kv_cache_mib: usize,
+    /// KV-cache budget in MiB (default on CPU: 2048).
+    #[arg(long, conflicts_with = "gpu_memory_utilization")]
+    pub kv_cache_mib: Option<usize>,
+    /// On CUDA: the fraction of device memory, free after loading the model, that the KV cache
+    /// takes (default on CUDA: 0.9).
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f64>,
     /// Token budget of one engine step.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,

@@ -62,6 +62,15 @@ impl DeviceSpec {
     }
 }
 
+/// Free and total memory of a CUDA device in bytes; None on CPU.
+pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
+        _ => None,
+    }
+}
+
 pub fn parse_dtype(s: &str) -> Result<DType, DeviceError> {
     match s {
         "f32" | "float32" => Ok(DType::F32),

@@ -6,7 +6,7 @@ use ember::bench::run_offline;
 use ember::cli::{BenchCommand, Cli, Command, GenerateArgs, OfflineArgs};
 use ember::device::{parse_dtype, DeviceSpec};
 use ember::engine::sampler::SamplingParams;
-use ember::engine::{EngineConfig, EngineHandle};
+use ember::engine::{EngineConfig, EngineHandle, KvCacheBudget};
 use ember::generate::LoadedModel;
 use ember::template::RenderOptions;
 
@@ -102,7 +102,16 @@ fn bench_offline(args: OfflineArgs) -> Result<()> {
         dtype,
     )?;
     let cfg = EngineConfig {
-        kv_cache_bytes: args.engine.kv_cache_mib << 20,
+        kv_cache: match (
+            args.engine.kv_cache_mib,
+            args.engine.gpu_memory_utilization,
+            device,
+        ) {
+            (Some(mib), _, _) => KvCacheBudget::Bytes(mib << 20),
+            (None, Some(f), _) => KvCacheBudget::FractionOfFree(f),
+            (None, None, DeviceSpec::Cuda(_)) => KvCacheBudget::FractionOfFree(0.9),
+            (None, None, DeviceSpec::Cpu) => KvCacheBudget::Bytes(2 << 30),
+        },
         max_num_batched_tokens: args.engine.max_num_batched_tokens,
         max_num_seqs: args.engine.max_num_seqs,
         enable_prefix_caching: !args.engine.no_prefix_caching,

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ember::device::DeviceSpec;
 use ember::engine::{
-    EngineConfig, EngineEvent, EngineHandle, FinishReason, RequestStream, SamplingParams,
-    ValidRequest,
+    EngineConfig, EngineEvent, EngineHandle, FinishReason, KvCacheBudget, RequestStream,
+    SamplingParams, ValidRequest,
 };
 use ember::generate::LoadedModel;
 use ember_models::PagedKvCache;
@@ -110,7 +110,7 @@ fn extra_prompts(count: usize) -> Vec<Vec<u32>> {
 
 fn small_config() -> EngineConfig {
     EngineConfig {
-        kv_cache_bytes: 64 << 20,
+        kv_cache: KvCacheBudget::Bytes(64 << 20),
         ..EngineConfig::default()
     }
 }
@@ -238,7 +238,7 @@ fn a_shared_64_token_prefix_is_computed_once() {
 fn a_cache_for_two_requests_completes_sixteen_through_preemption() {
     // Each request needs up to 3 blocks (<= 18 prompt + 32 generated tokens); 6 blocks hold two.
     let cfg = EngineConfig {
-        kv_cache_bytes: cache_bytes("qwen3", 6),
+        kv_cache: KvCacheBudget::Bytes(cache_bytes("qwen3", 6)),
         max_num_batched_tokens: 64,
         ..EngineConfig::default()
     };
@@ -382,4 +382,47 @@ fn bad_requests_are_refused_at_submit() {
         .submit(ValidRequest::greedy(vec![1; 10], limits.max_model_len))
         .unwrap_err();
     assert!(err.to_string().contains("context length"), "{err}");
+}
+
+#[test]
+fn prompt_logprobs_match_transformers_across_prefill_chunks() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen3");
+    let golden_logits =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    // A 4-token step budget splits every prompt into several prefill chunks.
+    for budget in [2048, 4] {
+        let (handle, golden) = engine(
+            "qwen3",
+            EngineConfig {
+                max_num_batched_tokens: budget,
+                ..small_config()
+            },
+        );
+        for (i, prompt) in golden.prompt_ids.iter().enumerate() {
+            let mut r = greedy(prompt.clone(), 1);
+            r.prompt_logprobs = Some(3);
+            let mut stream = handle.submit(r).unwrap();
+            let Some(EngineEvent::PromptLogprobs(lps)) = stream.blocking_recv() else {
+                panic!("prompt logprobs come first");
+            };
+            assert_eq!(lps.len(), prompt.len());
+            assert!(lps[0].is_none(), "nothing predicts the first token");
+            let rows = golden_logits[&format!("logits.{i}")]
+                .to_vec2::<f32>()
+                .unwrap();
+            for (p, lp) in lps.iter().enumerate().skip(1) {
+                let lp = lp.as_ref().unwrap();
+                let reference = ember::engine::sampler::log_softmax(&rows[p - 1]);
+                assert_eq!(lp.token, prompt[p]);
+                let diff = (lp.logprob - reference[prompt[p] as usize]).abs();
+                assert!(
+                    diff < 1e-4,
+                    "budget {budget} prompt {i} position {p}: {diff}"
+                );
+                assert_eq!(lp.top.len(), 3);
+                assert_eq!(lp.top[0].0, ember::engine::sampler::argmax(&rows[p - 1]));
+            }
+        }
+    }
 }

@@ -32,12 +32,36 @@ use crate::generate::LoadedModel;
 /// Most alternatives per token that logprobs may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// How much memory the KV cache gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheBudget {
+    /// Bytes for keys and values of every layer.
+    Bytes(usize),
+    /// A fraction of the device memory free once the model is loaded (CUDA only).
+    FractionOfFree(f64),
+}
+
+impl KvCacheBudget {
+    fn bytes(self, device: &candle_core::Device) -> anyhow::Result<usize> {
+        match self {
+            Self::Bytes(b) => Ok(b),
+            Self::FractionOfFree(f) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    anyhow::bail!("the KV-cache memory fraction must be in (0, 1], got {f}");
+                }
+                let (free, _total) = crate::device::memory_info(device)
+                    .ok_or_else(|| anyhow::anyhow!("a KV-cache fraction of free memory needs a CUDA device; give a size instead"))?;
+                Ok((free as f64 * f) as usize)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     /// Tokens per KV-cache block.
     pub block_size: usize,
-    /// KV-cache budget in bytes (keys and values of every layer).
-    pub kv_cache_bytes: usize,
+    pub kv_cache: KvCacheBudget,
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub enable_prefix_caching: bool,
@@ -47,7 +71,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             block_size: 16,
-            kv_cache_bytes: 2 << 30,
+            kv_cache: KvCacheBudget::Bytes(2 << 30),
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             enable_prefix_caching: true,
@@ -104,11 +128,11 @@ impl EngineHandle {
         let mcfg = model.config().clone();
         let dtype: DType = model.dtype();
         let per_block = PagedKvCache::bytes_per_block(&mcfg, cfg.block_size, dtype);
-        let num_blocks = cfg.kv_cache_bytes / per_block.max(1);
+        let budget = cfg.kv_cache.bytes(model.device())?;
+        let num_blocks = budget / per_block.max(1);
         if num_blocks == 0 {
             anyhow::bail!(
-                "the KV-cache budget of {} bytes holds no block ({per_block} bytes each)",
-                cfg.kv_cache_bytes
+                "the KV-cache budget of {budget} bytes holds no block ({per_block} bytes each)"
             );
         }
         let cache = PagedKvCache::new(&mcfg, num_blocks, cfg.block_size, dtype, model.device())?;
