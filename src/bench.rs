@@ -70,10 +70,24 @@ pub fn run_offline(
         .into_iter()
         .map(|r| handle.submit(r).map_err(|e| anyhow!("{e}")))
         .collect::<Result<Vec<_>>>()?;
+    // One reader per stream, so each first token is timed when it arrives.
+    let results: Vec<Result<(usize, Duration)>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|s| scope.spawn(move || wait(s, start)))
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
     let mut output_tokens = 0;
     let mut ttft_total = Duration::ZERO;
-    for s in streams {
-        let (tokens, ttft) = wait(s, start)?;
+    for r in results {
+        let (tokens, ttft) = r?;
         output_tokens += tokens;
         ttft_total += ttft;
     }

@@ -3,7 +3,7 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use clap::Parser;
 use ember::bench::run_offline;
-use ember::cli::{BenchCommand, Cli, Command, GenerateArgs, OfflineArgs};
+use ember::cli::{BenchCommand, Cli, Command, GenerateArgs, ModelArgs, OfflineArgs};
 use ember::device::{parse_dtype, DeviceSpec};
 use ember::engine::sampler::SamplingParams;
 use ember::engine::{EngineConfig, EngineHandle, KvCacheBudget};
@@ -40,14 +40,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             bail!("--top-p must be in (0, 1], got {p}");
         }
     }
-    let device: DeviceSpec = args.model.device.parse()?;
-    let dtype = args.model.dtype.as_deref().map(parse_dtype).transpose()?;
-    let loaded = LoadedModel::load(
-        &args.model.model,
-        args.model.revision.as_deref(),
-        device,
-        dtype,
-    )?;
+    let (loaded, _) = load(&args.model)?;
     let prompt = if args.chat {
         let Some(template) = &loaded.template else {
             bail!("--chat: the model has no chat template in tokenizer_config.json");
@@ -92,15 +85,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses --device and --dtype and loads the model they name.
+fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
+    let device: DeviceSpec = args.device.parse()?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let loaded = LoadedModel::load(&args.model, args.revision.as_deref(), device, dtype)?;
+    Ok((loaded, device))
+}
+
 fn bench_offline(args: OfflineArgs) -> Result<()> {
-    let device: DeviceSpec = args.model.device.parse()?;
-    let dtype = args.model.dtype.as_deref().map(parse_dtype).transpose()?;
-    let loaded = LoadedModel::load(
-        &args.model.model,
-        args.model.revision.as_deref(),
-        device,
-        dtype,
-    )?;
+    let (loaded, device) = load(&args.model)?;
     let cfg = EngineConfig {
         kv_cache: match (
             args.engine.kv_cache_mib,

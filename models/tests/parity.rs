@@ -24,6 +24,18 @@ struct Fixture {
     logits: HashMap<String, Tensor>,
 }
 
+impl Fixture {
+    /// The prompts with golden logits (all have greedy continuations).
+    fn logit_prompts(&self) -> &[Vec<u32>] {
+        let n = self
+            .logits
+            .keys()
+            .filter(|k| k.starts_with("logits."))
+            .count();
+        &self.golden.prompt_ids[..n]
+    }
+}
+
 fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/models")
@@ -75,7 +87,7 @@ fn argmax(row: &Tensor) -> u32 {
 
 fn check_single_prompt_logits(name: &str) {
     let f = load(name, DType::F32);
-    for (i, ids) in f.golden.prompt_ids.iter().enumerate() {
+    for (i, ids) in f.logit_prompts().iter().enumerate() {
         let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
         let logits = forward(&f.model, &mut cache, &[(0, 0, ids)], LogitsRows::All);
         let diff = max_abs_diff(&logits, &f.logits[&format!("logits.{i}")]);
@@ -85,7 +97,7 @@ fn check_single_prompt_logits(name: &str) {
 
 fn check_mixed_length_batch(name: &str) {
     let f = load(name, DType::F32);
-    let prompts = &f.golden.prompt_ids;
+    let prompts = f.logit_prompts();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     assert!(
         lens.iter().any(|&l| l != lens[0]),
@@ -109,7 +121,7 @@ fn check_mixed_length_batch(name: &str) {
 
 fn check_chunked_prefill(name: &str) {
     let f = load(name, DType::F32);
-    for (i, ids) in f.golden.prompt_ids.iter().enumerate() {
+    for (i, ids) in f.logit_prompts().iter().enumerate() {
         let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
         let split = ids.len() / 2;
         let first = forward(
@@ -181,7 +193,7 @@ fn check_bf16(name: &str) {
     let tol = 2.0 * f.golden.reference_bf16_max_abs_err;
     let is_moe = f.model.config().moe.is_some();
     let (mut positions, mut over, mut worst) = (0usize, 0usize, 0f32);
-    for (i, ids) in f.golden.prompt_ids.iter().enumerate() {
+    for (i, ids) in f.logit_prompts().iter().enumerate() {
         let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
         let logits = forward(&f.model, &mut cache, &[(0, 0, ids)], LogitsRows::All);
         let per_position: Vec<f32> = (logits - &f.logits[&format!("logits.{i}")])
