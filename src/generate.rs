@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::device::DeviceSpec;
+use crate::engine::detokenizer::Detokenizer;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::template::ChatTemplate;
 
@@ -76,7 +77,7 @@ impl LoadedModel {
     }
 
     /// Generates up to `max_tokens` tokens after `prompt`, calling `on_text` with each new
-    /// piece of text as soon as it is complete UTF-8.
+    /// piece of text as soon as it is complete UTF-8 (possibly empty).
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -98,7 +99,7 @@ impl LoadedModel {
         let mut cache = ContiguousKvCache::new(self.model.config().num_hidden_layers);
         let mut sampler = Sampler::new(params.clone(), prompt);
         let mut generated: Vec<u32> = Vec::with_capacity(max_tokens);
-        let mut emitted = 0usize; // bytes of decoded text already passed to on_text
+        let mut detok = Detokenizer::new(true, Vec::new(), false);
         let start = Instant::now();
         let mut prompt_time = Duration::ZERO;
         let mut next_input: Vec<u32> = prompt.to_vec();
@@ -124,25 +125,10 @@ impl LoadedModel {
                 break;
             }
             generated.push(token);
-            let text = self
-                .tokenizer
-                .decode(&generated, true)
-                .map_err(|e| anyhow!("detokenizing: {e}"))?;
-            // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-            if text.len() > emitted && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted)
-            {
-                on_text(&text[emitted..]);
-                emitted = text.len();
-            }
+            on_text(&detok.push(&self.tokenizer, token).text);
             next_input = vec![token];
         }
-        let text = self
-            .tokenizer
-            .decode(&generated, true)
-            .map_err(|e| anyhow!("detokenizing: {e}"))?;
-        if text.len() > emitted && text.is_char_boundary(emitted) {
-            on_text(&text[emitted..]);
-        }
+        on_text(&detok.finish(&self.tokenizer).text);
         Ok(GenerationStats {
             prompt_tokens: prompt.len(),
             generated_tokens: generated.len(),
