@@ -179,7 +179,7 @@ impl Engine {
                     .seqs
                     .get(&s.id)
                     .is_some_and(|st| st.request.prompt_logprobs.is_some());
-                wants && s.start_pos < st_prompt_len(&self.scheduler, s.id)
+                wants && s.start_pos < prompt_len_of(&self.scheduler, s.id)
             })
             .collect();
         match self.forward(&out, &all_rows) {
@@ -379,6 +379,6 @@ impl Engine {
     }
 }
 
-fn st_prompt_len(scheduler: &Scheduler, id: SeqId) -> usize {
+fn prompt_len_of(scheduler: &Scheduler, id: SeqId) -> usize {
     scheduler.get(id).map_or(0, |s| s.prompt().len())
 }
