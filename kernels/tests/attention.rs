@@ -1,18 +1,8 @@
-use candle_core::{DType, Device, Tensor};
-use ember_kernels::{causal_attention, causal_attention_ref};
+mod common;
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use candle_core::{Device, Tensor};
+use common::max_abs;
+use ember_kernels::{causal_attention, causal_attention_ref};
 
 fn qkv(n: usize, ctx: usize, h: usize, kv: usize, d: usize) -> (Tensor, Tensor, Tensor) {
     let dev = Device::Cpu;

@@ -1,18 +1,8 @@
-use candle_core::{DType, Device, Tensor};
-use ember_kernels::{linear, linear_ref};
+mod common;
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use candle_core::{DType, Device, Tensor};
+use common::max_abs;
+use ember_kernels::{linear, linear_ref};
 
 #[test]
 fn matches_candle_matmul() {
