@@ -103,10 +103,6 @@ impl Batch {
         })
     }
 
-    pub fn num_tokens(&self) -> usize {
-        self.seqs.iter().map(|s| s.num_tokens).sum()
-    }
-
     /// Row offset of each sequence's first token in the flat batch.
     pub fn offsets(&self) -> impl Iterator<Item = (usize, &SeqSlice)> {
         self.seqs.iter().scan(0usize, |offset, s| {

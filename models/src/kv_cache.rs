@@ -34,20 +34,6 @@ impl ContiguousKvCache {
             slots: HashMap::new(),
         }
     }
-
-    /// Forgets a sequence.
-    pub fn free(&mut self, slot: usize) {
-        self.slots.remove(&slot);
-    }
-
-    /// Tokens cached for `slot` (0 when unknown).
-    pub fn len(&self, slot: usize) -> usize {
-        self.slots
-            .get(&slot)
-            .and_then(|layers| layers.first())
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[0])
-    }
 }
 
 impl KvCache for ContiguousKvCache {

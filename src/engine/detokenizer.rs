@@ -50,10 +50,6 @@ impl Detokenizer {
         }
     }
 
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
     fn decode(&self, tokenizer: &Tokenizer, range: std::ops::Range<usize>) -> String {
         tokenizer
             .decode(&self.tokens[range], self.skip_special_tokens)

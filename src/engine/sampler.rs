@@ -92,10 +92,6 @@ impl Sampler {
         }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token from one row of logits. `banned` tokens (EOS and stop ids while
     /// below min_tokens) cannot be picked.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {

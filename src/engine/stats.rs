@@ -38,13 +38,4 @@ impl EngineStats {
         self.prefix_cache_queried_tokens = prefix.queried_tokens;
         self.prefix_cache_hit_tokens = prefix.hit_tokens;
     }
-
-    /// Fraction of KV-cache blocks in use.
-    pub fn kv_cache_usage(&self) -> f64 {
-        if self.num_blocks == 0 {
-            0.0
-        } else {
-            1.0 - self.num_free_blocks as f64 / self.num_blocks as f64
-        }
-    }
 }

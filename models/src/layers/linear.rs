@@ -66,10 +66,6 @@ impl Linear {
             Self::Dense { weight, .. } => weight,
         }
     }
-
-    pub fn out_dim(&self) -> usize {
-        self.weight().dims()[0]
-    }
 }
 
 impl Module for Linear {
