@@ -15,6 +15,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate text for one prompt and print it to stdout (timings go to stderr).
     Generate(GenerateArgs),
     /// Benchmarks.
@@ -45,6 +47,45 @@ pub struct EngineArgs {
     pub max_num_seqs: usize,
     #[arg(long)]
     pub no_prefix_caching: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Names the model answers to in requests (default: the --model argument).
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// API keys accepted as `Authorization: Bearer <key>` (repeatable; also EMBER_API_KEY).
+    #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// CORS origins allowed, comma separated ("*" for any; default: no CORS).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// A chat template (a file, or the template text) replacing the model's.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Accept `chat_template` in requests (lets clients run their own Jinja on the server).
+    #[arg(long)]
+    pub trust_request_chat_template: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_request_bytes: usize,
+    /// Requests that may wait beyond --max-num-seqs before new ones get 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued_requests: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// Test hook: every completion is this text, whatever the model says.
+    #[arg(long, hide = true)]
+    pub debug_forced_output: Option<String>,
 }
 
 #[derive(Debug, Args)]

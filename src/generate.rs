@@ -2,6 +2,7 @@
 //! `ember generate`. (The batching engine of the engine issue replaces the loop here for serving.)
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -27,8 +28,9 @@ pub struct GenerationDefaults {
 
 pub struct LoadedModel {
     pub model: QwenModel,
-    pub tokenizer: Tokenizer,
-    pub template: Option<ChatTemplate>,
+    /// Shared with the HTTP layer, which tokenizes and renders off the engine thread.
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
     pub eos_token_ids: Vec<u32>,
     pub defaults: GenerationDefaults,
 }
@@ -54,13 +56,13 @@ impl LoadedModel {
         let tokenizer = Tokenizer::from_file(&files.tokenizer)
             .map_err(|e| anyhow!("loading {}: {e}", files.tokenizer.display()))?;
         let template = match &files.tokenizer_config {
-            Some(path) => ChatTemplate::from_tokenizer_config(path).ok(),
+            Some(path) => ChatTemplate::from_tokenizer_config(path).ok().map(Arc::new),
             None => None,
         };
         let eos_token_ids = eos_token_ids(&files, model.config())?;
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
             eos_token_ids,
             defaults: read_defaults(files.generation_config.as_deref()),

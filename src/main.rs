@@ -2,13 +2,16 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use ember::api::{ApiConfig, AppState};
 use ember::bench::run_offline;
-use ember::cli::{BenchCommand, Cli, Command, GenerateArgs, ModelArgs, OfflineArgs};
+use ember::cli::{
+    BenchCommand, Cli, Command, EngineArgs, GenerateArgs, ModelArgs, OfflineArgs, ServeArgs,
+};
 use ember::device::{parse_dtype, DeviceSpec};
 use ember::engine::sampler::SamplingParams;
 use ember::engine::{EngineConfig, EngineHandle, KvCacheBudget};
 use ember::generate::LoadedModel;
-use ember::template::RenderOptions;
+use ember::template::{ChatTemplate, RenderOptions};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -20,6 +23,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Offline(args)) => bench_offline(args),
     };
@@ -93,24 +97,83 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
     Ok((loaded, device))
 }
 
-fn bench_offline(args: OfflineArgs) -> Result<()> {
-    let (loaded, device) = load(&args.model)?;
-    let cfg = EngineConfig {
-        kv_cache: match (
-            args.engine.kv_cache_mib,
-            args.engine.gpu_memory_utilization,
-            device,
-        ) {
+fn engine_config(args: &EngineArgs, device: DeviceSpec) -> EngineConfig {
+    EngineConfig {
+        kv_cache: match (args.kv_cache_mib, args.gpu_memory_utilization, device) {
             (Some(mib), _, _) => KvCacheBudget::Bytes(mib << 20),
             (None, Some(f), _) => KvCacheBudget::FractionOfFree(f),
             (None, None, DeviceSpec::Cuda(_)) => KvCacheBudget::FractionOfFree(0.9),
             (None, None, DeviceSpec::Cpu) => KvCacheBudget::Bytes(2 << 30),
         },
-        max_num_batched_tokens: args.engine.max_num_batched_tokens,
-        max_num_seqs: args.engine.max_num_seqs,
-        enable_prefix_caching: !args.engine.no_prefix_caching,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        enable_prefix_caching: !args.no_prefix_caching,
         ..EngineConfig::default()
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let device: DeviceSpec = args.model.device.parse()?;
+    let mut engine = engine_config(&args.engine, device);
+    engine.debug_forced_output = args.debug_forced_output.clone();
+    let chat_template = match &args.chat_template {
+        Some(arg) => {
+            let source = match std::fs::read_to_string(arg) {
+                Ok(text) => text,
+                Err(_) if arg.contains("{%") || arg.contains("{{") => arg.clone(),
+                Err(e) => bail!("--chat-template {arg}: {e}"),
+            };
+            Some(std::sync::Arc::new(ChatTemplate::new(source, None, None)?))
+        }
+        None => None,
     };
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![args.model.model.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
+    let api = ApiConfig {
+        served_model_names,
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
+        cors_allowed_origins: args.allowed_origins.clone(),
+        max_request_body_bytes: args.max_request_bytes,
+        max_concurrent_requests: args.engine.max_num_seqs + args.max_queued_requests,
+        trust_request_chat_template: args.trust_request_chat_template,
+        chat_template,
+        ..ApiConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}:{}: {e}", args.host, args.port))?;
+        eprintln!("ember: listening on http://{}", listener.local_addr()?);
+        let model_args = args.model;
+        let load = move || {
+            let (loaded, _) = load(&model_args)?;
+            ember::server::start_engine(loaded, &engine)
+        };
+        ember::server::serve(
+            listener,
+            AppState::new(api),
+            load,
+            ember::server::shutdown_signal(),
+            std::time::Duration::from_secs(args.shutdown_timeout),
+        )
+        .await
+    })
+}
+
+fn bench_offline(args: OfflineArgs) -> Result<()> {
+    let (loaded, device) = load(&args.model)?;
+    let cfg = engine_config(&args.engine, device);
     let (handle, _thread) = EngineHandle::spawn(loaded, &cfg)?;
     let limits = handle.limits();
     eprintln!(

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use ember_models::{Batch, LogitsRows, PagedKvCache, QwenModel};
@@ -37,6 +38,9 @@ struct SeqState {
     children_to_fork: usize,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     num_cached_tokens: Option<usize>,
+    arrived: Instant,
+    /// From arrival to the first scheduling.
+    queue_time: Option<Duration>,
 }
 
 pub(crate) struct Engine {
@@ -48,6 +52,8 @@ pub(crate) struct Engine {
     seqs: HashMap<SeqId, SeqState>,
     next_id: SeqId,
     stats: EngineStats,
+    /// Test hook: every completion is these tokens, then EOS (see `EngineConfig`).
+    forced_output: Option<Vec<u32>>,
 }
 
 impl Engine {
@@ -57,6 +63,7 @@ impl Engine {
         scheduler: Scheduler,
         tokenizer: Arc<Tokenizer>,
         eos_token_ids: Vec<u32>,
+        forced_output: Option<Vec<u32>>,
     ) -> Self {
         Self {
             model,
@@ -67,6 +74,7 @@ impl Engine {
             seqs: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            forced_output,
         }
     }
 
@@ -105,7 +113,7 @@ impl Engine {
         match cmd {
             Command::Submit { request, events } => {
                 let children = request.n.saturating_sub(1);
-                self.add_sequence(request, events, 0, children);
+                self.add_sequence(request, events, 0, children, Instant::now());
             }
             Command::Stats(reply) => {
                 let mut stats = self.stats.clone();
@@ -121,6 +129,7 @@ impl Engine {
         events: UnboundedSender<EngineEvent>,
         index: usize,
         children: usize,
+        arrived: Instant,
     ) {
         let id = self.next_id;
         self.next_id += 1;
@@ -143,6 +152,8 @@ impl Engine {
                 children_to_fork: children,
                 prompt_logprobs: Vec::new(),
                 num_cached_tokens: None,
+                arrived,
+                queue_time: None,
                 request,
             },
         );
@@ -236,6 +247,8 @@ impl Engine {
             if let Some(state) = self.seqs.get_mut(&s.id) {
                 // The first scheduling starts after the prefix-cache hit.
                 state.num_cached_tokens.get_or_insert(s.start_pos);
+                let arrived = state.arrived;
+                state.queue_time.get_or_insert_with(|| arrived.elapsed());
             }
             let rows = if all { s.num_tokens } else { 1 };
             let seq_logits = &logits[row..row + rows];
@@ -300,8 +313,12 @@ impl Engine {
             }
             let children = std::mem::take(&mut state.children_to_fork);
             let events = state.events.clone();
+            let arrived = state.arrived;
+            if state.index == 0 {
+                self.stats.num_prompt_tokens += req.prompt.len() as u64;
+            }
             for i in 1..=children {
-                self.add_sequence(req.clone(), events.clone(), i, 0);
+                self.add_sequence(req.clone(), events.clone(), i, 0, arrived);
             }
         }
         let Some(state) = self.seqs.get_mut(&id) else {
@@ -318,11 +335,21 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let forced = self.forced_output.as_ref().and_then(|script| {
+            script
+                .get(num_output)
+                .or_else(|| {
+                    (!req.ignore_eos)
+                        .then(|| self.eos_token_ids.first())
+                        .flatten()
+                })
+                .copied()
+        });
         let SampledToken {
             token,
             logprob,
             top_logprobs,
-        } = state.sampler.sample(logits, &banned);
+        } = state.sampler.sample_or_force(logits, &banned, forced);
         self.scheduler.append_token(id, token);
         self.stats.num_generated_tokens += 1;
         let num_generated = num_output + 1;
@@ -374,6 +401,7 @@ impl Engine {
             num_prompt_tokens: prompt,
             num_generated_tokens: generated,
             num_cached_tokens: state.num_cached_tokens.unwrap_or(0),
+            queue_time: state.queue_time.unwrap_or_default(),
         });
         self.stats.record_finish(reason);
     }

@@ -65,6 +65,10 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub enable_prefix_caching: bool,
+    /// Test hook: every completion is this text's tokens, then EOS, whatever the model says
+    /// (log-probabilities stay the model's). Lets tests over tiny random models exercise
+    /// tool-call and reasoning parsing; never set in production.
+    pub debug_forced_output: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +79,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             enable_prefix_caching: true,
+            debug_forced_output: None,
         }
     }
 }
@@ -157,12 +162,24 @@ impl EngineHandle {
             },
             BlockManager::new(num_blocks, cfg.block_size),
         );
+        let forced_output = match &cfg.debug_forced_output {
+            Some(text) => {
+                tracing::warn!("test hook: every completion is forced to {text:?}");
+                let ids = loaded
+                    .tokenizer
+                    .encode(text.as_str(), false)
+                    .map_err(|e| anyhow::anyhow!("tokenizing the forced output: {e}"))?;
+                Some(ids.get_ids().to_vec())
+            }
+            None => None,
+        };
         let engine = Engine::new(
             model,
             cache,
             scheduler,
-            Arc::new(loaded.tokenizer),
+            loaded.tokenizer,
             loaded.eos_token_ids,
+            forced_output,
         );
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()

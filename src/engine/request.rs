@@ -81,6 +81,8 @@ pub enum EngineEvent {
         num_generated_tokens: usize,
         /// Prompt tokens served from the prefix cache.
         num_cached_tokens: usize,
+        /// From arrival at the engine to the first time the sequence was scheduled.
+        queue_time: std::time::Duration,
     },
 }
 

@@ -95,17 +95,33 @@ impl Sampler {
     /// Picks the next token from one row of logits. `banned` tokens (EOS and stop ids while
     /// below min_tokens) cannot be picked.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {
+        self.sample_or_force(logits, banned, None)
+    }
+
+    /// As `sample`, but `forced` (a test hook's scripted token) is taken instead of drawing
+    /// one; its log-probability is still the model's.
+    pub fn sample_or_force(
+        &mut self,
+        logits: &[f32],
+        banned: &[u32],
+        forced: Option<u32>,
+    ) -> SampledToken {
         let raw_logprobs = self
             .params
             .top_logprobs
             .is_some()
             .then(|| log_softmax(logits));
-        let mut logits = logits.to_vec();
-        self.process(&mut logits, banned);
-        let token = if self.params.temperature <= 0.0 {
-            argmax(&logits)
-        } else {
-            self.sample_random(&logits)
+        let token = match forced {
+            Some(token) => token,
+            None => {
+                let mut logits = logits.to_vec();
+                self.process(&mut logits, banned);
+                if self.params.temperature <= 0.0 {
+                    argmax(&logits)
+                } else {
+                    self.sample_random(&logits)
+                }
+            }
         };
         self.record(token);
         let (logprob, top_logprobs) = match (&raw_logprobs, self.params.top_logprobs) {
@@ -401,5 +417,18 @@ mod tests {
         assert_eq!(out.top_logprobs[0].0, 1);
         assert!((out.top_logprobs[0].1 - 0.5f32.ln()).abs() < 1e-6);
         assert_eq!(out.top_logprobs[1].0, 0, "ties go to the lower id");
+    }
+
+    #[test]
+    fn a_forced_token_keeps_the_models_logprob() {
+        let mut s = sampler(SamplingParams {
+            top_logprobs: Some(1),
+            ..SamplingParams::greedy()
+        });
+        let logits = [0.0f32, (2.0f32).ln(), 0.0];
+        let out = s.sample_or_force(&logits, &[], Some(0));
+        assert_eq!(out.token, 0);
+        assert!((out.logprob - 0.25f32.ln()).abs() < 1e-6);
+        assert_eq!(out.top_logprobs[0].0, 1);
     }
 }

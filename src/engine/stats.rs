@@ -14,6 +14,8 @@ pub struct EngineStats {
     pub num_preemptions: u64,
     pub num_aborted: u64,
     pub num_generated_tokens: u64,
+    /// Prompt tokens of requests whose prompt has been processed.
+    pub num_prompt_tokens: u64,
     pub num_finished_stop: u64,
     pub num_finished_length: u64,
     pub num_finished_error: u64,

@@ -1,0 +1,78 @@
+//! API keys (`Authorization: Bearer`, compared in constant time) and CORS.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Whether `presented` equals one of `keys`. Both sides are hashed first so that the
+/// comparison takes the same time whatever the lengths, and every key is compared.
+pub fn key_matches(keys: &[String], presented: &str) -> bool {
+    let presented = Sha256::digest(presented.as_bytes());
+    keys.iter().fold(false, |found, key| {
+        let key = Sha256::digest(key.as_bytes());
+        found | bool::from(key.ct_eq(&presented))
+    })
+}
+
+pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let keys = &state.0.config.api_keys;
+    if keys.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if key_matches(keys, token) => next.run(req).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// CORS for the given origins ("*" allows any); None when no origin is configured.
+pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn keys() {
+        let keys = vec!["secret-1".to_string(), "secret-2".to_string()];
+        assert!(key_matches(&keys, "secret-1"));
+        assert!(key_matches(&keys, "secret-2"));
+        assert!(!key_matches(&keys, "secret-3"));
+        assert!(!key_matches(&keys, "secret-"));
+        assert!(!key_matches(&keys, ""));
+        assert!(!key_matches(&[], "secret-1"));
+    }
+}

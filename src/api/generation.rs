@@ -1,0 +1,222 @@
+//! What chat and completions share once a request is valid: preprocessing off the async
+//! runtime, submission of one engine request per prompt, the merged event stream with its
+//! metrics, usage, and the SSE response.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Value as Json};
+
+use crate::engine::{EngineEvent, FinishReason, StopReason, ValidRequest};
+use crate::metrics::RequestTimer;
+
+use super::error::ApiError;
+use super::{AppState, InFlight, ModelContext};
+
+/// Interval of SSE keep-alive comments while a stream has nothing to send.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// The body, or 413 in the OpenAI envelope when it is over the limit.
+pub fn body_bytes(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.0.config.max_request_body_bytes)
+        } else {
+            ApiError::bad_body(e.body_text())
+        }
+    })
+}
+
+/// Runs CPU work (templates, tokenization) off the async runtime, bounded in time.
+pub async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let timeout = state.0.config.preprocess_timeout;
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(ApiError::internal(format!(
+            "preprocessing task failed: {e}"
+        ))),
+        Err(_) => Err(ApiError::bad_body(format!(
+            "Preparing the prompt took longer than {} s.",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 24)
+    )
+}
+
+pub fn finish_reason_str(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Error => "error",
+    }
+}
+
+/// vLLM's `stop_reason`: the stop token id or string that ended a completion.
+pub fn stop_reason_json(stop: &Option<StopReason>) -> Json {
+    match stop {
+        Some(StopReason::Token(t)) => json!(t),
+        Some(StopReason::Text(s)) => json!(s),
+        None => Json::Null,
+    }
+}
+
+/// Token counts of a request, reported as `usage`.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    /// Counts a finished completion; prompt tokens once per prompt (its first completion).
+    pub fn add(&mut self, event: &EngineEvent) {
+        if let EngineEvent::Finished {
+            index,
+            num_prompt_tokens,
+            num_generated_tokens,
+            num_cached_tokens,
+            ..
+        } = event
+        {
+            self.completion_tokens += num_generated_tokens;
+            if *index == 0 {
+                self.prompt_tokens += num_prompt_tokens;
+                self.cached_tokens += num_cached_tokens;
+            }
+        }
+    }
+
+    pub fn json(&self) -> Json {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        })
+    }
+}
+
+/// The engine requests of one HTTP request (one per prompt), their merged events tagged with the
+/// prompt's position, and the request's timing. Dropping it cancels everything not finished.
+pub struct Submission {
+    events: SelectAll<BoxStream<'static, (usize, EngineEvent)>>,
+    timer: RequestTimer,
+    state: AppState,
+    _admitted: InFlight,
+}
+
+impl Submission {
+    pub fn submit(
+        state: &AppState,
+        ctx: &ModelContext,
+        requests: Vec<ValidRequest>,
+        arrived: Instant,
+    ) -> Result<Self, ApiError> {
+        let admitted = state.admit()?;
+        let mut streams = Vec::with_capacity(requests.len());
+        for (i, request) in requests.into_iter().enumerate() {
+            let rx = ctx.engine.submit(request)?;
+            let tagged = stream::unfold(rx, move |mut rx| async move {
+                rx.recv().await.map(|event| ((i, event), rx))
+            });
+            streams.push(tagged.boxed());
+        }
+        Ok(Self {
+            events: stream::select_all(streams),
+            timer: RequestTimer::new(arrived),
+            state: state.clone(),
+            _admitted: admitted,
+        })
+    }
+
+    /// The next event of any prompt; None when all completions are done.
+    pub async fn next(&mut self) -> Option<(usize, EngineEvent)> {
+        let metrics = &self.state.0.metrics;
+        match self.events.next().await {
+            Some((prompt, event)) => {
+                match &event {
+                    EngineEvent::Token { index, .. } => self.timer.on_token(metrics, *index),
+                    EngineEvent::Finished { queue_time, .. } => {
+                        metrics.observe_queue_time(*queue_time)
+                    }
+                    _ => {}
+                }
+                Some((prompt, event))
+            }
+            None => {
+                self.timer.on_done(metrics);
+                None
+            }
+        }
+    }
+}
+
+/// Turns engine events into OpenAI chunks for one streaming route.
+pub trait ChunkWriter: Send + 'static {
+    /// Chunks for one event (possibly none). An error ends the stream with an error event.
+    fn on_event(&mut self, prompt: usize, event: EngineEvent) -> Result<Vec<Json>, ApiError>;
+    /// Chunks after the last event (the usage chunk).
+    fn on_end(&mut self) -> Vec<Json>;
+}
+
+fn data(json: &Json) -> Event {
+    Event::default().data(json.to_string())
+}
+
+/// The SSE response: chunks as `data:` events, keep-alive comments, then `data: [DONE]`.
+/// When the client goes away the body is dropped, and with it the submission.
+pub fn sse<W: ChunkWriter>(submission: Submission, writer: W) -> Response {
+    enum Phase<W> {
+        Running(Submission, W),
+        Done,
+    }
+    let events = stream::unfold(Phase::Running(submission, writer), |phase| async move {
+        let Phase::Running(mut sub, mut writer) = phase else {
+            return None;
+        };
+        let step: Vec<Event> = match sub.next().await {
+            Some((prompt, event)) => match writer.on_event(prompt, event) {
+                Ok(chunks) => {
+                    let events = chunks.iter().map(data).collect();
+                    return Some((events, Phase::Running(sub, writer)));
+                }
+                Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],
+            },
+            None => {
+                let mut events: Vec<Event> = writer.on_end().iter().map(data).collect();
+                events.push(Event::default().data("[DONE]"));
+                events
+            }
+        };
+        Some((step, Phase::Done))
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok::<Event, Infallible>)));
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}

@@ -1,0 +1,212 @@
+//! The OpenAI-compatible HTTP API (axum). Handlers turn OpenAI JSON into `ValidRequest`s for
+//! the engine and engine events back into OpenAI responses and SSE chunks; the engine never sees
+//! OpenAI types.
+
+mod auth;
+mod chat;
+mod completions;
+pub mod error;
+mod generation;
+mod logprobs;
+mod misc;
+mod sampling;
+pub mod types;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tokenizers::Tokenizer;
+
+use crate::engine::{EngineHandle, EngineLimits};
+use crate::generate::GenerationDefaults;
+use crate::metrics::Metrics;
+use crate::template::ChatTemplate;
+use error::ApiError;
+
+/// Operator settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Names the model answers to; the first is reported by /v1/models.
+    pub served_model_names: Vec<String>,
+    pub api_keys: Vec<String>,
+    /// Allowed CORS origins ("*" for any); empty: no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    pub max_request_body_bytes: usize,
+    /// Requests admitted at once (running and queued); more get 503 with Retry-After.
+    pub max_concurrent_requests: usize,
+    /// Accept a `chat_template` sent in a request.
+    pub trust_request_chat_template: bool,
+    /// Replaces the model's chat template.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Bound on rendering a chat template and tokenizing one request.
+    pub preprocess_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            served_model_names: vec!["ember".into()],
+            api_keys: Vec::new(),
+            cors_allowed_origins: Vec::new(),
+            max_request_body_bytes: 8 << 20,
+            max_concurrent_requests: 4096,
+            trust_request_chat_template: false,
+            chat_template: None,
+            preprocess_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What handlers need of the loaded model, set once loading is done.
+pub struct ModelContext {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub defaults: GenerationDefaults,
+    pub limits: EngineLimits,
+    /// The tokenizer has Qwen3's `<think>`/`</think>`: chat output is split into reasoning.
+    pub has_reasoning_markup: bool,
+}
+
+impl ModelContext {
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        template: Option<Arc<ChatTemplate>>,
+        defaults: GenerationDefaults,
+    ) -> Self {
+        let has = |t: &str| tokenizer.token_to_id(t).is_some();
+        let has_reasoning_markup =
+            has(crate::parsers::THINK_START) && has(crate::parsers::THINK_END);
+        Self {
+            limits: engine.limits(),
+            engine,
+            tokenizer,
+            template,
+            defaults,
+            has_reasoning_markup,
+        }
+    }
+}
+
+pub struct Shared {
+    pub config: ApiConfig,
+    model: OnceLock<ModelContext>,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    pub metrics: Metrics,
+    created: u64,
+}
+
+/// The handlers' state: cheap to clone.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl AppState {
+    pub fn new(config: ApiConfig) -> Self {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self(Arc::new(Shared {
+            config,
+            model: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            metrics: Metrics::new(),
+            created,
+        }))
+    }
+
+    /// The model is loaded: /health turns 200 and requests are served.
+    pub fn set_ready(&self, model: ModelContext) {
+        if self.0.model.set(model).is_err() {
+            tracing::warn!("the model was already set");
+        }
+    }
+
+    /// Shutting down: /health turns 503 and new requests are refused.
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::SeqCst)
+    }
+
+    /// Generation requests being served.
+    pub fn num_in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn model(&self) -> Result<&ModelContext, ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::unavailable("The server is shutting down."));
+        }
+        self.0
+            .model
+            .get()
+            .ok_or_else(|| ApiError::unavailable("The model is loading."))
+    }
+
+    /// Checks `model` against the served names (absent means the default).
+    fn check_model(&self, model: Option<&str>) -> Result<String, ApiError> {
+        let names = &self.0.config.served_model_names;
+        match model {
+            None => Ok(names.first().cloned().unwrap_or_default()),
+            Some(m) if names.iter().any(|n| n == m) => Ok(m.to_string()),
+            Some(m) => Err(ApiError::model_not_found(m)),
+        }
+    }
+
+    /// Admits a generation request, or refuses it when the server is at capacity.
+    fn admit(&self) -> Result<InFlight, ApiError> {
+        let max = self.0.config.max_concurrent_requests;
+        let prev = self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self.0.clone());
+        if prev >= max {
+            return Err(ApiError::overloaded());
+        }
+        Ok(guard)
+    }
+}
+
+/// One admitted request; dropping it frees its place.
+pub struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.0.config.max_request_body_bytes;
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/models", get(misc::list_models))
+        .route("/v1/models/{*id}", get(misc::get_model))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .route("/version", get(misc::version))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let router = Router::new()
+        .route("/health", get(misc::health))
+        .route("/metrics", get(misc::metrics))
+        .merge(protected)
+        .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state.clone());
+    match auth::cors_layer(&state.0.config.cors_allowed_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
