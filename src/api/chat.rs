@@ -22,7 +22,7 @@ use super::generation::{
 use super::logprobs::TokenNames;
 use super::sampling::{self, OutputOptions};
 use super::types::{
-    parse_body, ChatMessage, ChatRequest, MessageContent, CHAT_FIELDS, COMMON_FIELDS,
+    parse_with_common, ChatMessage, ChatRequest, MessageContent, CHAT_FIELDS, COMMON_FIELDS,
 };
 use super::{AppState, ModelContext};
 
@@ -197,7 +197,7 @@ async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Res
     let body = body_bytes(&state, body)?;
     let ctx = state.model()?;
     let known: Vec<&str> = COMMON_FIELDS.iter().chain(CHAT_FIELDS).copied().collect();
-    let req: ChatRequest = parse_body(&body, &known)?;
+    let req: ChatRequest = parse_with_common(&body, &known)?;
     let model = state.check_model(req.common.model.as_deref())?;
     check_response_format(req.response_format.as_ref())?;
     let logprobs = req.logprobs.unwrap_or(false);
@@ -424,12 +424,14 @@ pub fn messages_json(messages: &[ChatMessage]) -> Result<Json, ApiError> {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             r @ ("user" | "assistant" | "tool") => r,
-            other => return Err(ApiError::invalid(
-                format!("messages[{i}].role"),
-                format!(
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!(
                     "unknown role {other:?}; expected system, developer, user, assistant or tool"
                 ),
-            )),
+                ))
+            }
         };
         if let Some((key, _)) = m.extra.iter().find(|(_, v)| !v.is_null()) {
             return Err(ApiError::unsupported(

@@ -20,7 +20,9 @@ use super::generation::{
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
-use super::types::{parse_body, CompletionRequest, PromptField, COMMON_FIELDS, COMPLETION_FIELDS};
+use super::types::{
+    parse_with_common, CompletionRequest, PromptField, COMMON_FIELDS, COMPLETION_FIELDS,
+};
 use super::AppState;
 
 /// OpenAI's limit on `logprobs` for completions.
@@ -61,7 +63,7 @@ async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Res
         .chain(COMPLETION_FIELDS)
         .copied()
         .collect();
-    let req: CompletionRequest = parse_body(&body, &known)?;
+    let req: CompletionRequest = parse_with_common(&body, &known)?;
     let model = state.check_model(req.common.model.as_deref())?;
     let logprobs = match req.logprobs {
         Some(k) if (0..=MAX_LEGACY_LOGPROBS).contains(&k) => Some(k as usize),

@@ -12,6 +12,30 @@ use super::error::ApiError;
 /// Parses a JSON body into `T`. Fields not in `known` are refused unless they are null (which
 /// means "not given" to OpenAI clients).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8], known: &[&str]) -> Result<T, ApiError> {
+    typed(parse_object(bytes, known)?)
+}
+
+/// A route's body with the common parameters (serde's flatten would lose the error paths).
+pub trait WithCommon: DeserializeOwned {
+    fn set_common(&mut self, common: CommonParams);
+}
+
+pub fn parse_with_common<T: WithCommon>(bytes: &[u8], known: &[&str]) -> Result<T, ApiError> {
+    let value = parse_object(bytes, known)?;
+    let common: CommonParams = typed(value.clone())?;
+    let mut body: T = typed(value)?;
+    body.set_common(common);
+    Ok(body)
+}
+
+fn typed<T: DeserializeOwned>(value: Json) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::invalid(path.clone(), format!("Invalid '{path}': {}", e.inner()))
+    })
+}
+
+fn parse_object(bytes: &[u8], known: &[&str]) -> Result<Json, ApiError> {
     let value: Json = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_body(format!("The body is not valid JSON: {e}")))?;
     let Json::Object(map) = &value else {
@@ -26,10 +50,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8], known: &[&str]) -> Result<T
             "is not supported by this server.",
         ));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::invalid(path.clone(), format!("Invalid '{path}': {}", e.inner()))
-    })
+    Ok(value)
 }
 
 /// `stop`: one string or a list.
@@ -110,7 +131,7 @@ pub const COMMON_FIELDS: &[&str] = &[
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    #[serde(flatten)]
+    #[serde(skip)]
     pub common: CommonParams,
     pub messages: Vec<ChatMessage>,
     pub max_completion_tokens: Option<i64>,
@@ -122,6 +143,12 @@ pub struct ChatRequest {
     pub response_format: Option<Json>,
     pub chat_template: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Json>>,
+}
+
+impl WithCommon for ChatRequest {
+    fn set_common(&mut self, common: CommonParams) {
+        self.common = common;
+    }
 }
 
 pub const CHAT_FIELDS: &[&str] = &[
@@ -187,12 +214,18 @@ pub struct FunctionDefinition {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    #[serde(flatten)]
+    #[serde(skip)]
     pub common: CommonParams,
     pub prompt: PromptField,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub best_of: Option<i64>,
+}
+
+impl WithCommon for CompletionRequest {
+    fn set_common(&mut self, common: CommonParams) {
+        self.common = common;
+    }
 }
 
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of"];
@@ -236,23 +269,23 @@ mod tests {
     fn unknown_fields_are_named() {
         let known = fields(CHAT_FIELDS);
         let body = br#"{"messages": [], "frobnicate": 1}"#;
-        let e = parse_body::<ChatRequest>(body, &known).unwrap_err();
+        let e = parse_with_common::<ChatRequest>(body, &known).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("frobnicate"));
         assert_eq!(e.status, 400);
         // null means not given
         let body = br#"{"messages": [], "frobnicate": null}"#;
-        assert!(parse_body::<ChatRequest>(body, &known).is_ok());
+        assert!(parse_with_common::<ChatRequest>(body, &known).is_ok());
     }
 
     #[test]
     fn type_errors_name_the_path() {
         let known = fields(CHAT_FIELDS);
         let body = br#"{"messages": [], "temperature": "hot"}"#;
-        let e = parse_body::<ChatRequest>(body, &known).unwrap_err();
+        let e = parse_with_common::<ChatRequest>(body, &known).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"), "{e:?}");
-        let e = parse_body::<ChatRequest>(b"[1]", &known).unwrap_err();
+        let e = parse_with_common::<ChatRequest>(b"[1]", &known).unwrap_err();
         assert_eq!(e.status, 400);
-        let e = parse_body::<ChatRequest>(b"{", &known).unwrap_err();
+        let e = parse_with_common::<ChatRequest>(b"{", &known).unwrap_err();
         assert!(e.message.contains("not valid JSON"));
     }
 
@@ -265,7 +298,7 @@ mod tests {
             (r#"{"prompt": [1, 2]}"#, "Tokens"),
             (r#"{"prompt": [[1], [2, 3]]}"#, "TokenLists"),
         ] {
-            let r: CompletionRequest = parse_body(body.as_bytes(), &known).unwrap();
+            let r: CompletionRequest = parse_with_common(body.as_bytes(), &known).unwrap();
             let got = match r.prompt {
                 PromptField::Text(_) => "Text",
                 PromptField::Texts(_) => "Texts",
@@ -274,7 +307,7 @@ mod tests {
             };
             assert_eq!(got, want);
         }
-        let e = parse_body::<CompletionRequest>(br#"{"prompt": [-1]}"#, &known).unwrap_err();
+        let e = parse_with_common::<CompletionRequest>(br#"{"prompt": [-1]}"#, &known).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"), "{e:?}");
     }
 }

@@ -206,7 +206,9 @@ mod tests {
 
     fn run(mut p: ToolCallParser, pieces: &[&str]) -> ToolParse {
         let mut all = ToolParse::default();
-        for piece in pieces.iter().map(|s| p.push(s)).chain([p.finish()]) {
+        let mut parsed: Vec<ToolParse> = pieces.iter().map(|s| p.push(s)).collect();
+        parsed.push(p.finish());
+        for piece in parsed {
             all.content += &piece.content;
             all.calls.extend(piece.calls);
         }
