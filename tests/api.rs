@@ -726,3 +726,87 @@ fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(rest.trim_end().ends_with("data: [DONE]"));
     assert!(thread.join().unwrap().is_ok(), "exits cleanly");
 }
+
+#[test]
+fn a_queued_request_that_disconnects_is_aborted() {
+    // One sequence at a time: the second request waits behind the first's four completions.
+    let s = TestServer::start(
+        "qwen3",
+        api_config(),
+        EngineConfig {
+            max_num_seqs: 1,
+            ..engine_config()
+        },
+    );
+    let running = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 480, "ignore_eos": true, "n": 4, "stream": true});
+    let reader = open_stream(&s.url("/v1/completions"), &running);
+    let queued = json!({"model": MODEL, "prompt": "Paris", "max_tokens": 8}).to_string();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        socket,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{queued}",
+        queued.len()
+    )
+    .unwrap();
+    // Waiting: the three other completions of the first request and this one.
+    assert!(eventually(10, || s.metric("ember_num_requests_waiting") >= 4.0));
+    drop(socket);
+    let abort = "ember_request_success_total{finished_reason=\"abort\"}";
+    assert!(eventually(10, || s.metric(abort) == 1.0));
+    assert!(
+        s.metric("ember_num_requests_waiting") >= 1.0,
+        "the first request still runs"
+    );
+    drop(reader);
+    assert!(eventually(10, || s.metric(abort) == 5.0));
+    assert!(eventually(10, || s.metric("ember_kv_cache_usage_ratio") == 0.0));
+}
+
+#[test]
+fn health_is_503_while_the_model_loads() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = ember::api::AppState::new(api_config());
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let load = move || {
+                let _ = gate.recv();
+                let loaded = LoadedModel::load(
+                    fixture_dir("qwen3").to_str().unwrap(),
+                    None,
+                    ember::device::DeviceSpec::Cpu,
+                    None,
+                )?;
+                ember::server::start_engine(loaded, &engine_config())
+            };
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            ember::server::serve(listener, state, load, shutdown, Duration::from_secs(5)).await
+        })
+    });
+    assert!(eventually(10, || get(&format!("{base}/health")).0 == 503));
+    let (status, err) = post(&format!("{base}/v1/chat/completions"), &chat("x"), None);
+    assert_eq!(status, 503);
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("loading"));
+    release.send(()).unwrap();
+    assert!(eventually(30, || get(&format!("{base}/health")).0 == 200));
+    assert_eq!(
+        post(&format!("{base}/v1/chat/completions"), &chat("x"), None).0,
+        200
+    );
+    stop.send(()).unwrap();
+    assert!(thread.join().unwrap().is_ok());
+}
