@@ -26,8 +26,94 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Engine throughput without HTTP: C requests at once, for each C given.
+    /// Engine throughput without HTTP: C requests at once, for each C given (or, with
+    /// --latency, batch-1 prefill and decode speed).
     Offline(OfflineArgs),
+    /// Load-test an OpenAI-compatible server (Ember, llama-server, vLLM, ...).
+    Serve(ServeBenchArgs),
+    /// The machine's memory read bandwidth (the batch-1 decode ceiling).
+    Memory(MemoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// Buffer size in MiB (far beyond the caches).
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    /// Reading threads, comma separated (default: 1 and all cores).
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchEndpoint {
+    /// /v1/completions
+    Completions,
+    /// /v1/chat/completions
+    Chat,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeBenchArgs {
+    /// The server's base URL (without /v1).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// The model name to send.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_enum, default_value = "completions")]
+    pub endpoint: BenchEndpoint,
+    /// Sent as `Authorization: Bearer`.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests per run.
+    #[arg(long, default_value_t = 100)]
+    pub num_prompts: usize,
+    /// Closed-loop clients, comma separated: one run each (ignored with --request-rate).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub concurrency: Vec<usize>,
+    /// Open loop: Poisson arrivals at these requests/s, comma separated ("inf": all at once).
+    #[arg(long, value_delimiter = ',')]
+    pub request_rate: Vec<f64>,
+    /// With --request-rate: at most this many requests in flight.
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Prompt tokens of synthetic prompts (needs --tokenizer).
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    /// max_tokens of each request (a dataset line may set its own).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// JSONL prompts instead of synthetic ones: {"prompt": "...", "output_len": N} per line.
+    #[arg(long)]
+    pub dataset: Option<std::path::PathBuf>,
+    /// tokenizer.json, or a model directory holding one (synthetic prompts, token counts).
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Ask for exactly max_tokens tokens (ignore_eos, min_tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Latency targets for goodput, in ms: e.g. "ttft:500,tpot:50,e2el:5000".
+    #[arg(long)]
+    pub goodput: Option<String>,
+    /// Requests sent (and not counted) before each run.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Writes the configuration and every run's results as JSON.
+    #[arg(long)]
+    pub result_json: Option<std::path::PathBuf>,
+    /// Writes an SVG chart of throughput and TTFT against concurrency (or rate).
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Per-request read timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +189,12 @@ pub struct OfflineArgs {
     pub output_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Batch-1 latency instead: prefill tok/s at each --prefill-lens, then decode tok/s over
+    /// --output-len tokens.
+    #[arg(long)]
+    pub latency: bool,
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub prefill_lens: Vec<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,7 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use clap::Parser;
 use ember::api::{ApiConfig, AppState};
-use ember::bench::run_offline;
+use ember::bench::{run_latency, run_offline};
 use ember::cli::{
     BenchCommand, Cli, Command, EngineArgs, GenerateArgs, ModelArgs, OfflineArgs, ServeArgs,
 };
@@ -26,6 +26,21 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Offline(args)) => bench_offline(args),
+        Command::Bench(BenchCommand::Serve(args)) => ember::bench::sweep::bench_serve(&args),
+        Command::Bench(BenchCommand::Memory(args)) => {
+            let mut threads = args.threads.clone();
+            if threads.is_empty() {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                threads = vec![1, cores];
+                threads.dedup();
+            }
+            println!("threads,read_gb_per_s");
+            for t in threads {
+                let gbs = ember::bench::memory::read_bandwidth(args.mib << 20, t, args.reps);
+                println!("{t},{gbs:.1}");
+            }
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -180,6 +195,15 @@ fn bench_offline(args: OfflineArgs) -> Result<()> {
         "KV cache: {} blocks of {} tokens ({} tokens)",
         limits.num_blocks, limits.block_size, limits.max_cache_tokens
     );
+    if args.latency {
+        let r = run_latency(&handle, &args.prefill_lens, args.output_len, args.seed)?;
+        println!("mode,prompt_len,tokens,tok_per_s");
+        for (len, rate) in &r.prefill {
+            println!("prefill,{len},{len},{rate:.2}");
+        }
+        println!("decode,16,{},{:.2}", r.decode_tokens, r.decode_tokens_per_s);
+        return Ok(());
+    }
     println!("concurrency,input_len,output_len,seconds,output_tokens,output_tok_per_s,mean_ttft_s");
     for &c in &args.concurrency {
         let r = run_offline(&handle, c, args.input_len, args.output_len, args.seed)?;

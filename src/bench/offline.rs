@@ -100,3 +100,51 @@ pub fn run_offline(
         mean_ttft: ttft_total / concurrency.max(1) as u32,
     })
 }
+
+/// Batch-1 speed: prompt tokens per second of a prefill, and decode tokens per second.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyResult {
+    /// (prompt length, prefill tokens/s)
+    pub prefill: Vec<(usize, f64)>,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+}
+
+/// One request at a time: each prefill length with max_tokens 1 (time to the first token),
+/// then `output_len` tokens after a 16-token prompt (decode rate after the first token).
+pub fn run_latency(
+    handle: &EngineHandle,
+    prefill_lens: &[usize],
+    output_len: usize,
+    seed: u64,
+) -> Result<LatencyResult> {
+    let vocab = handle.limits().vocab_size as u32;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut prompt = |len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|_| rng.random_range(1000..vocab.min(100_000)))
+            .collect()
+    };
+    let one = |prompt: Vec<u32>, max_tokens: usize| -> Result<(usize, Duration, Duration)> {
+        let mut r = ValidRequest::greedy(prompt, max_tokens);
+        r.ignore_eos = true;
+        let start = Instant::now();
+        let stream = handle.submit(r).map_err(|e| anyhow!("{e}"))?;
+        let (tokens, ttft) = wait(stream, start)?;
+        Ok((tokens, ttft, start.elapsed()))
+    };
+    // A warm-up request so that first-call costs do not count.
+    one(prompt(16), 2)?;
+    let mut prefill = Vec::new();
+    for &len in prefill_lens {
+        let (_, ttft, _) = one(prompt(len), 1)?;
+        prefill.push((len, len as f64 / ttft.as_secs_f64().max(1e-9)));
+    }
+    let (tokens, ttft, total) = one(prompt(16), output_len.max(2))?;
+    let decode = (total - ttft).as_secs_f64().max(1e-9);
+    Ok(LatencyResult {
+        prefill,
+        decode_tokens: tokens,
+        decode_tokens_per_s: (tokens.saturating_sub(1)) as f64 / decode,
+    })
+}

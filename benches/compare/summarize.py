@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Turns the outputs of benches/compare/run.sh into the Markdown table of docs/BENCHMARKS.md:
+batch-1 prefill/decode per engine, serving throughput and TTFT per concurrency, the ratios
+Ember/llama.cpp and Ember/transformers, and Ember's batch-1 decode as a fraction of the
+memory-bandwidth roofline.
+
+Usage: summarize.py RESULTS_DIR MODEL_DIR
+"""
+
+import csv
+import json
+import struct
+import sys
+from pathlib import Path
+
+
+def weight_params(model_dir: Path) -> int:
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        raw = f.read_bytes()[:8]
+        (n,) = struct.unpack("<Q", raw)
+        with open(f, "rb") as fh:
+            fh.seek(8)
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            total += count
+    return total
+
+
+def ember_latency(path: Path):
+    out = {"prefill": {}, "decode": None}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            if row["mode"] == "prefill":
+                out["prefill"][row["prompt_len"]] = float(row["tok_per_s"])
+            else:
+                out["decode"] = float(row["tok_per_s"])
+    return out
+
+
+def llama_bench(path: Path):
+    out = {"prefill": {}, "decode": None}
+    for r in json.loads(path.read_text()):
+        if r["n_gen"] == 0:
+            out["prefill"][str(r["n_prompt"])] = r["avg_ts"]
+        elif r["n_prompt"] == 0:
+            out["decode"] = r["avg_ts"]
+    return out
+
+
+def hf_latency(path: Path):
+    r = json.loads(path.read_text())
+    return {"prefill": r["prefill"], "decode": r["decode_tok_per_s"]}
+
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main():
+    results, model = Path(sys.argv[1]), Path(sys.argv[2])
+    params = weight_params(model)
+    bw = {}
+    with open(results / "membw.csv") as fh:
+        for row in csv.DictReader(fh):
+            bw[int(row["threads"])] = float(row["read_gb_per_s"])
+    bandwidth = max(bw.values())
+
+    latency = [
+        ("Ember", "f32", ember_latency(results / "ember-latency-f32.csv")),
+        ("Ember", "bf16", ember_latency(results / "ember-latency-bf16.csv")),
+        ("llama.cpp (llama-bench)", "f16", llama_bench(results / "llama-bench-f16.json")),
+        ("llama.cpp (llama-bench)", "q8_0", llama_bench(results / "llama-bench-q8_0.json")),
+        ("transformers", "f32", hf_latency(results / "hf-latency-float32.json")),
+        ("transformers", "bf16", hf_latency(results / "hf-latency-bfloat16.json")),
+    ]
+    print(f"Machine: {(results / 'machine.txt').read_text().splitlines()[2] if (results / 'machine.txt').exists() else '?'}")
+    print(f"Model: {params / 1e6:.0f}M parameters (Qwen2.5-0.5B shape); read bandwidth "
+          + ", ".join(f"{bw[t]:.1f} GB/s with {t} thread(s)" for t in sorted(bw)) + "\n")
+    print("### Batch 1\n")
+    print("| engine | weights | prefill 128 tok/s | prefill 512 tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for name, dtype, r in latency:
+        print(f"| {name} | {dtype} | {fmt(r['prefill'].get('128'))} | {fmt(r['prefill'].get('512'))} | {fmt(r['decode'], 2)} |")
+
+    def ratio(a, b):
+        return None if not a or not b else a / b
+
+    by = {(n.split(" ")[0], d): r for n, d, r in latency}
+    print("\nRatios (Ember ÷ other; above 1 means Ember is faster):\n")
+    print("| comparison | prefill 128 | prefill 512 | decode |")
+    print("|---|---|---|---|")
+    for label, a, b in [
+        ("Ember bf16 ÷ llama.cpp f16", ("Ember", "bf16"), ("llama.cpp", "f16")),
+        ("Ember f32 ÷ llama.cpp f16", ("Ember", "f32"), ("llama.cpp", "f16")),
+        ("Ember bf16 ÷ llama.cpp q8_0", ("Ember", "bf16"), ("llama.cpp", "q8_0")),
+        ("Ember f32 ÷ transformers f32", ("Ember", "f32"), ("transformers", "f32")),
+        ("Ember bf16 ÷ transformers bf16", ("Ember", "bf16"), ("transformers", "bf16")),
+    ]:
+        ra, rb = by[a], by[b]
+        cells = [fmt(ratio(ra["prefill"].get(k), rb["prefill"].get(k)), 2) for k in ("128", "512")]
+        print(f"| {label} | {cells[0]} | {cells[1]} | {fmt(ratio(ra['decode'], rb['decode']), 2)} |")
+
+    print("\n### Roofline (batch-1 decode reads every weight once per token)\n")
+    print("| engine | weights | bytes/token | ceiling tok/s | measured tok/s | fraction |")
+    print("|---|---|---|---|---|---|")
+    for name, dtype, nbytes in [("Ember", "f32", 4), ("Ember", "bf16", 2), ("llama.cpp", "f16", 2), ("llama.cpp", "q8_0", 34 / 32)]:
+        per_token = params * nbytes
+        ceiling = bandwidth * 1e9 / per_token
+        measured = by[(name, dtype)]["decode"]
+        print(f"| {name} | {dtype} | {per_token / 1e9:.2f} GB | {ceiling:.1f} | {fmt(measured, 2)} | {fmt(100 * measured / ceiling if measured else None)} % |")
+
+    print("\n### Serving (`ember bench serve`, closed loop)\n")
+    print("| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed |")
+    print("|---|---|---|---|---|---|---|")
+    serve = {}
+    for name in ("ember", "llama"):
+        path = results / f"serve-{name}.json"
+        if not path.exists():
+            continue
+        for run in json.loads(path.read_text())["runs"]:
+            label = "Ember" if name == "ember" else "llama-server (f16, --parallel 16)"
+            serve[(name, run["value"])] = run
+            print(f"| {label} | {run['value']:.0f} | {run['output_throughput']:.2f} | {run['ttft']['p50_ms']:.0f} | {run['ttft']['p99_ms']:.0f} | {run['tpot']['p50_ms']:.0f} | {run['failed']} |")
+    print("\n| concurrency | Ember ÷ llama-server output tok/s | TTFT p50 ratio (llama ÷ Ember) |")
+    print("|---|---|---|")
+    for (name, value), run in sorted(serve.items(), key=lambda kv: kv[0][1]):
+        if name != "ember" or ("llama", value) not in serve:
+            continue
+        other = serve[("llama", value)]
+        print(f"| {value:.0f} | {fmt(ratio(run['output_throughput'], other['output_throughput']), 2)} | {fmt(ratio(other['ttft']['p50_ms'], run['ttft']['p50_ms']), 2)} |")
+
+
+if __name__ == "__main__":
+    main()
