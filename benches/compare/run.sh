@@ -77,9 +77,10 @@ PY
     log "llama.cpp: cmake build (llama-bench, llama-server)"
     PATH=$WORK/convert-venv/bin:$PATH cmake -S "$SRC" -B "$LLAMA" -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >/dev/null
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+        > "$WORK/llama-build.log" 2>&1
     PATH=$WORK/convert-venv/bin:$PATH cmake --build "$LLAMA" --target llama-bench llama-server \
-        -j "$THREADS" >/dev/null
+        -j "$THREADS" >> "$WORK/llama-build.log" 2>&1
 fi
 SRC=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
 
@@ -88,7 +89,7 @@ for t in f16 q8_0; do
     if [ ! -f "$WORK/model-$t.gguf" ]; then
         log "GGUF $t"
         PYTHONPATH=$SRC/gguf-py "$WORK/convert-venv/bin/python" "$SRC/convert_hf_to_gguf.py" \
-            "$MODEL" --outtype "$t" --outfile "$WORK/model-$t.gguf" >/dev/null
+            "$MODEL" --outtype "$t" --outfile "$WORK/model-$t.gguf" > "$WORK/convert-$t.log" 2>&1
     fi
 done
 
