@@ -113,17 +113,17 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
     if loads.is_empty() || args.num_prompts == 0 {
         bail!("nothing to run: give --num-prompts and --concurrency or --request-rate");
     }
-    let all = prompts(args, args.num_prompts + args.warmup, args.seed)?;
-    let (warmup, measured) = all.split_at(args.warmup);
+    // Each run gets prompts of its own, so that no run finds an earlier one's prompts in the
+    // server's prefix cache (a dataset file repeats, as given).
+    let per_run = args.num_prompts + args.warmup;
+    let all = prompts(args, per_run * loads.len(), args.seed)?;
     let mean_input =
-        measured.iter().map(|p| p.num_tokens).sum::<usize>() as f64 / measured.len().max(1) as f64;
+        all.iter().map(|p| p.num_tokens).sum::<usize>() as f64 / all.len().max(1) as f64;
     eprintln!(
         "{} {} requests per run, ~{mean_input:.0} prompt tokens each, max_tokens {}",
-        target.base_url,
-        measured.len(),
-        args.output_len
+        target.base_url, args.num_prompts, args.output_len
     );
-    let bar = ProgressBar::new((all.len() * loads.len()) as u64);
+    let bar = ProgressBar::new(all.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed}<{eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -132,6 +132,7 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (i, &(load, kind, value)) in loads.iter().enumerate() {
         bar.set_message(format!("{kind} {value}"));
+        let (warmup, measured) = all[i * per_run..(i + 1) * per_run].split_at(args.warmup);
         if !warmup.is_empty() {
             run(&target, warmup, load, args.seed, &bar);
         }
@@ -185,7 +186,7 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
             base_url: &args.base_url,
             model: &args.model,
             endpoint: target.endpoint.path(),
-            num_prompts: measured.len(),
+            num_prompts: args.num_prompts,
             input_len: args.dataset.is_none().then_some(args.input_len),
             output_len: args.output_len,
             dataset: args.dataset.as_ref().map(|p| p.display().to_string()),
