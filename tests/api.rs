@@ -28,6 +28,18 @@ fn golden(name: &str) -> Golden {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The qwen3 fixture loaded directly (f32, CPU), as the reference the server is compared to.
+fn qwen3() -> LoadedModel {
+    let dir = fixture_dir("qwen3");
+    LoadedModel::load(
+        dir.to_str().unwrap(),
+        None,
+        ember::device::DeviceSpec::Cpu,
+        None,
+    )
+    .unwrap()
+}
+
 fn server() -> TestServer {
     TestServer::start("qwen3", api_config(), engine_config())
 }
@@ -69,13 +81,7 @@ fn small_routes() {
     assert_eq!(status, 200);
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
     // tokenize / detokenize round trip, with the fixture's own tokenizer as the reference.
-    let loaded = LoadedModel::load(
-        fixture_dir("qwen3").to_str().unwrap(),
-        None,
-        ember::device::DeviceSpec::Cpu,
-        None,
-    )
-    .unwrap();
+    let loaded = qwen3();
     let text = "The capital of France is";
     let (status, tok) = s.post("/tokenize", &json!({"prompt": text}));
     assert_eq!(status, 200);
@@ -112,13 +118,7 @@ fn small_routes() {
 fn greedy_through_http_equals_the_engine_and_transformers() {
     let s = server();
     let golden = golden("qwen3");
-    let loaded = LoadedModel::load(
-        fixture_dir("qwen3").to_str().unwrap(),
-        None,
-        ember::device::DeviceSpec::Cpu,
-        None,
-    )
-    .unwrap();
+    let loaded = qwen3();
     let tokenizer = loaded.tokenizer.clone();
     let (engine, _thread) = EngineHandle::spawn(loaded, &engine_config()).unwrap();
     for (prompt, expected) in golden.prompt_ids.iter().zip(&golden.greedy).take(6) {

@@ -114,7 +114,7 @@ impl ChoiceParser {
             }
             None => (String::new(), text.to_string()),
         };
-        self.route(reasoning, &content, false)
+        self.route(reasoning, content, false)
     }
 
     fn finish(&mut self) -> ChoiceDelta {
@@ -125,17 +125,17 @@ impl ChoiceParser {
             }
             None => (String::new(), String::new()),
         };
-        self.route(reasoning, &content, true)
+        self.route(reasoning, content, true)
     }
 
-    fn route(&mut self, reasoning: String, content: &str, at_end: bool) -> ChoiceDelta {
+    fn route(&mut self, reasoning: String, content: String, at_end: bool) -> ChoiceDelta {
         let mut delta = ChoiceDelta {
             reasoning,
             ..ChoiceDelta::default()
         };
         match &mut self.tools {
             Some(tools) => {
-                let mut parsed = tools.push(content);
+                let mut parsed = tools.push(&content);
                 if at_end {
                     let tail = tools.finish();
                     parsed.content += &tail.content;
@@ -152,7 +152,7 @@ impl ChoiceParser {
                     .num_calls()
                     .min(if self.parallel { usize::MAX } else { 1 });
             }
-            None => delta.content = content.to_string(),
+            None => delta.content = content,
         }
         delta
     }
@@ -185,14 +185,7 @@ fn tool_call_json(c: &ToolCallDelta) -> Json {
 pub async fn handle(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match run(state, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body_bytes(&state, body)?;
     let ctx = state.model()?;
@@ -510,7 +503,7 @@ async fn collect(
         })
         .collect();
     let mut usage = Usage::default();
-    while let Some((_, event)) = submission.next().await {
+    while let Some((_, event)) = submission.next().await? {
         usage.add(&event);
         match event {
             EngineEvent::Token {
@@ -535,9 +528,6 @@ async fn collect(
                 stop_reason,
                 ..
             } => {
-                if reason == FinishReason::Error {
-                    return Err(ApiError::internal("the engine failed a completion"));
-                }
                 if let Some(out) = outs.get_mut(index) {
                     out.finished = Some((reason, stop_reason));
                 }
@@ -728,9 +718,9 @@ impl ChatChunks {
 }
 
 impl ChunkWriter for ChatChunks {
-    fn on_event(&mut self, _prompt: usize, event: EngineEvent) -> Result<Vec<Json>, ApiError> {
+    fn on_event(&mut self, _prompt: usize, event: EngineEvent) -> Vec<Json> {
         self.usage.add(&event);
-        Ok(match event {
+        match event {
             EngineEvent::Token {
                 index,
                 text,
@@ -743,14 +733,9 @@ impl ChunkWriter for ChatChunks {
                 reason,
                 stop_reason,
                 ..
-            } => {
-                if reason == FinishReason::Error {
-                    return Err(ApiError::internal("the engine failed a completion"));
-                }
-                self.on_text(index, "", None, Some((reason, stop_reason)))
-            }
+            } => self.on_text(index, "", None, Some((reason, stop_reason))),
             EngineEvent::PromptLogprobs(_) => Vec::new(),
-        })
+        }
     }
 
     fn on_end(&mut self) -> Vec<Json> {

@@ -47,14 +47,7 @@ struct Plan {
 pub async fn handle(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match run(state, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body_bytes(&state, body)?;
     let ctx = state.model()?;
@@ -231,7 +224,7 @@ async fn collect(
     let mut prompt_logprobs: Vec<Option<Vec<Option<TokenLogprob>>>> =
         vec![None; plan.prompts.len()];
     let mut usage = Usage::default();
-    while let Some((p, event)) = submission.next().await {
+    while let Some((p, event)) = submission.next().await? {
         usage.add(&event);
         match event {
             EngineEvent::PromptLogprobs(lps) => prompt_logprobs[p] = Some(lps),
@@ -263,9 +256,6 @@ async fn collect(
                 stop_reason,
                 ..
             } => {
-                if reason == FinishReason::Error {
-                    return Err(ApiError::internal("the engine failed a completion"));
-                }
                 choices[choice_index(&plan, p, index)].finished = Some((reason, stop_reason));
             }
         }
@@ -349,7 +339,7 @@ impl CompletionChunks {
 }
 
 impl ChunkWriter for CompletionChunks {
-    fn on_event(&mut self, p: usize, event: EngineEvent) -> Result<Vec<Json>, ApiError> {
+    fn on_event(&mut self, p: usize, event: EngineEvent) -> Vec<Json> {
         self.usage.add(&event);
         let names = TokenNames {
             tokenizer: &self.tokenizer,
@@ -365,7 +355,7 @@ impl ChunkWriter for CompletionChunks {
         match event {
             EngineEvent::PromptLogprobs(lps) => {
                 self.prompt_logprobs[p] = Some(lps);
-                return Ok(Vec::new());
+                return Vec::new();
             }
             EngineEvent::Token {
                 token,
@@ -386,17 +376,14 @@ impl ChunkWriter for CompletionChunks {
                 stop_reason,
                 ..
             } => {
-                if reason == FinishReason::Error {
-                    return Err(ApiError::internal("the engine failed a completion"));
-                }
-                return Ok(vec![self.chunk(i, Some((reason, stop_reason)))]);
+                return vec![self.chunk(i, Some((reason, stop_reason)))];
             }
         }
         let c = &self.choices[i];
         if c.text.is_empty() && c.logprobs.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
-        Ok(vec![self.chunk(i, None)])
+        vec![self.chunk(i, None)]
     }
 
     fn on_end(&mut self) -> Vec<Json> {

@@ -154,23 +154,28 @@ impl Submission {
         })
     }
 
-    /// The next event of any prompt; None when all completions are done.
-    pub async fn next(&mut self) -> Option<(usize, EngineEvent)> {
+    /// The next event of any prompt; None when all completions are done. A completion the
+    /// engine could not run is an error (details are in the engine's log).
+    pub async fn next(&mut self) -> Result<Option<(usize, EngineEvent)>, ApiError> {
         let metrics = &self.state.0.metrics;
         match self.events.next().await {
             Some((prompt, event)) => {
                 match &event {
                     EngineEvent::Token { index, .. } => self.timer.on_token(metrics, *index),
+                    EngineEvent::Finished {
+                        reason: FinishReason::Error,
+                        ..
+                    } => return Err(ApiError::internal("the engine failed a completion")),
                     EngineEvent::Finished { queue_time, .. } => {
                         metrics.observe_queue_time(*queue_time)
                     }
                     _ => {}
                 }
-                Some((prompt, event))
+                Ok(Some((prompt, event)))
             }
             None => {
                 self.timer.on_done(metrics);
-                None
+                Ok(None)
             }
         }
     }
@@ -178,8 +183,8 @@ impl Submission {
 
 /// Turns engine events into OpenAI chunks for one streaming route.
 pub trait ChunkWriter: Send + 'static {
-    /// Chunks for one event (possibly none). An error ends the stream with an error event.
-    fn on_event(&mut self, prompt: usize, event: EngineEvent) -> Result<Vec<Json>, ApiError>;
+    /// Chunks for one event (possibly none).
+    fn on_event(&mut self, prompt: usize, event: EngineEvent) -> Vec<Json>;
     /// Chunks after the last event (the usage chunk).
     fn on_end(&mut self) -> Vec<Json>;
 }
@@ -200,14 +205,13 @@ pub fn sse<W: ChunkWriter>(submission: Submission, writer: W) -> Response {
             return None;
         };
         let step: Vec<Event> = match sub.next().await {
-            Some((prompt, event)) => match writer.on_event(prompt, event) {
-                Ok(chunks) => {
-                    let events = chunks.iter().map(data).collect();
-                    return Some((events, Phase::Running(sub, writer)));
-                }
-                Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],
-            },
-            None => {
+            Ok(Some((prompt, event))) => {
+                let events = writer.on_event(prompt, event).iter().map(data).collect();
+                return Some((events, Phase::Running(sub, writer)));
+            }
+            // An error after the stream began is an event in the envelope, then the end.
+            Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],
+            Ok(None) => {
                 let mut events: Vec<Event> = writer.on_end().iter().map(data).collect();
                 events.push(Event::default().data("[DONE]"));
                 events

@@ -89,103 +89,89 @@ pub async fn version() -> Response {
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = async {
-        let body = body_bytes(&state, body)?;
-        let ctx = state.model()?;
-        let req: TokenizeRequest = parse_body(
-            &body,
-            &[
-                "model",
+) -> Result<axum::Json<Json>, ApiError> {
+    let body = body_bytes(&state, body)?;
+    let ctx = state.model()?;
+    let req: TokenizeRequest = parse_body(
+        &body,
+        &[
+            "model",
+            "prompt",
+            "messages",
+            "add_special_tokens",
+            "add_generation_prompt",
+        ],
+    )?;
+    state.check_model(req.model.as_deref())?;
+    let tokenizer = ctx.tokenizer.clone();
+    let text_and_special = match (req.prompt, req.messages) {
+        (Some(prompt), None) => (prompt, req.add_special_tokens.unwrap_or(true)),
+        (None, Some(messages)) => {
+            let template = state
+                .0
+                .config
+                .chat_template
+                .clone()
+                .or_else(|| ctx.template.clone())
+                .ok_or_else(|| ApiError::invalid("messages", "The model has no chat template."))?;
+            let messages = messages_json(&messages)?;
+            let opts = RenderOptions {
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                ..RenderOptions::default()
+            };
+            let text = blocking(&state, move || {
+                template
+                    .render(&messages, &opts)
+                    .map_err(|e| ApiError::invalid("messages", e.to_string()))
+            })
+            .await?;
+            (text, req.add_special_tokens.unwrap_or(false))
+        }
+        _ => {
+            return Err(ApiError::invalid(
                 "prompt",
-                "messages",
-                "add_special_tokens",
-                "add_generation_prompt",
-            ],
-        )?;
-        state.check_model(req.model.as_deref())?;
-        let tokenizer = ctx.tokenizer.clone();
-        let text_and_special = match (req.prompt, req.messages) {
-            (Some(prompt), None) => (prompt, req.add_special_tokens.unwrap_or(true)),
-            (None, Some(messages)) => {
-                let template = state
-                    .0
-                    .config
-                    .chat_template
-                    .clone()
-                    .or_else(|| ctx.template.clone())
-                    .ok_or_else(|| {
-                        ApiError::invalid("messages", "The model has no chat template.")
-                    })?;
-                let messages = messages_json(&messages)?;
-                let opts = RenderOptions {
-                    add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-                    ..RenderOptions::default()
-                };
-                let text = blocking(&state, move || {
-                    template
-                        .render(&messages, &opts)
-                        .map_err(|e| ApiError::invalid("messages", e.to_string()))
-                })
-                .await?;
-                (text, req.add_special_tokens.unwrap_or(false))
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "give exactly one of 'prompt' and 'messages'",
-                ))
-            }
-        };
-        let (text, special) = text_and_special;
-        let tokens = blocking(&state, move || {
-            tokenizer
-                .encode(text.as_str(), special)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
-        })
-        .await?;
-        Ok::<_, ApiError>(json!({
-            "count": tokens.len(),
-            "max_model_len": ctx.limits.max_model_len,
-            "tokens": tokens,
-        }))
+                "give exactly one of 'prompt' and 'messages'",
+            ))
+        }
     };
-    match run.await {
-        Ok(body) => axum::Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    let (text, special) = text_and_special;
+    let tokens = blocking(&state, move || {
+        tokenizer
+            .encode(text.as_str(), special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))
+    })
+    .await?;
+    Ok(axum::Json(json!({
+        "count": tokens.len(),
+        "max_model_len": ctx.limits.max_model_len,
+        "tokens": tokens,
+    })))
 }
 
 pub async fn detokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = async {
-        let body = body_bytes(&state, body)?;
-        let ctx = state.model()?;
-        let req: DetokenizeRequest = parse_body(&body, &["model", "tokens"])?;
-        state.check_model(req.model.as_deref())?;
-        let vocab = ctx.tokenizer.get_vocab_size(true) as u32;
-        if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
-            return Err(ApiError::invalid(
-                "tokens",
-                format!("token id {bad} is outside the vocabulary of {vocab}"),
-            ));
-        }
-        let tokenizer = ctx.tokenizer.clone();
-        let text = blocking(&state, move || {
-            tokenizer
-                .decode(&req.tokens, false)
-                .map_err(|e| ApiError::internal(format!("detokenizing: {e}")))
-        })
-        .await?;
-        Ok::<_, ApiError>(json!({"prompt": text}))
-    };
-    match run.await {
-        Ok(body) => axum::Json(body).into_response(),
-        Err(e) => e.into_response(),
+) -> Result<axum::Json<Json>, ApiError> {
+    let body = body_bytes(&state, body)?;
+    let ctx = state.model()?;
+    let req: DetokenizeRequest = parse_body(&body, &["model", "tokens"])?;
+    state.check_model(req.model.as_deref())?;
+    let vocab = ctx.tokenizer.get_vocab_size(true) as u32;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
     }
+    let tokenizer = ctx.tokenizer.clone();
+    let text = blocking(&state, move || {
+        tokenizer
+            .decode(&req.tokens, false)
+            .map_err(|e| ApiError::internal(format!("detokenizing: {e}")))
+    })
+    .await?;
+    Ok(axum::Json(json!({"prompt": text})))
 }
 
 pub async fn not_found(uri: Uri) -> Response {

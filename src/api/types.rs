@@ -22,13 +22,15 @@ pub trait WithCommon: DeserializeOwned {
 
 pub fn parse_with_common<T: WithCommon>(bytes: &[u8], known: &[&str]) -> Result<T, ApiError> {
     let value = parse_object(bytes, known)?;
-    let common: CommonParams = typed(value.clone())?;
+    let common: CommonParams = typed(&value)?;
     let mut body: T = typed(value)?;
     body.set_common(common);
     Ok(body)
 }
 
-fn typed<T: DeserializeOwned>(value: Json) -> Result<T, ApiError> {
+fn typed<'de, T: Deserialize<'de>>(
+    value: impl serde::Deserializer<'de, Error = serde_json::Error>,
+) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::invalid(path.clone(), format!("Invalid '{path}': {}", e.inner()))
