@@ -1,18 +1,78 @@
-//! Fused kernels against their plain-candle references, at Qwen2.5-0.5B's MLP width
-//! (intermediate 4864): one decode token and a 128-token prefill chunk.
+//! Fused kernels against their plain-candle references, at Qwen2.5-0.5B's widths (hidden 896,
+//! intermediate 4864): one decode token and a 128-token prefill chunk. `linear` runs on every
+//! instruction-set path this CPU supports; its throughput is reported in weight bytes per second
+//! (decode) so it reads against the memory bandwidth.
 //! Run: cargo bench --bench kernels
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ember_kernels::{silu_and_mul, silu_and_mul_ref};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ember_kernels::{
+    linear_ref, linear_with_isa, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
+    supported_isas,
+};
+
+fn randn(shape: (usize, usize), dtype: DType) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("random input")
+}
+
+fn linear_bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("linear");
+    group.sample_size(20);
+    // gate_up (9728 x 896) and down (896 x 4864) of Qwen2.5-0.5B.
+    for (n, k) in [(9728usize, 896usize), (896, 4864)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let w = randn((n, k), dtype);
+            for m in [1usize, 128] {
+                let x = randn((m, k), dtype);
+                let bytes = (n * k * dtype.size_in_bytes()) as u64;
+                group.throughput(if m == 1 {
+                    Throughput::Bytes(bytes)
+                } else {
+                    Throughput::Elements((2 * m * n * k) as u64)
+                });
+                for isa in supported_isas() {
+                    let id = format!("{dtype:?}/{n}x{k}/m{m}/{isa}");
+                    group.bench_with_input(BenchmarkId::new("ember", &id), &x, |b, x| {
+                        b.iter(|| linear_with_isa(x, &w, None, isa).expect("linear"))
+                    });
+                }
+                if dtype == DType::F32 {
+                    let id = format!("{dtype:?}/{n}x{k}/m{m}");
+                    group.bench_with_input(BenchmarkId::new("candle", &id), &x, |b, x| {
+                        b.iter(|| linear_ref(x, &w).expect("matmul"))
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+fn rms_norm_bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rms_norm");
+    for dtype in [DType::F32, DType::BF16] {
+        let w = randn((1, 896), dtype).flatten_all().expect("weight");
+        for rows in [1usize, 128] {
+            let x = randn((rows, 896), dtype);
+            let id = format!("{dtype:?}/{rows}");
+            group.bench_with_input(BenchmarkId::new("fused", &id), &x, |b, x| {
+                b.iter(|| rms_norm(x, &w, 1e-6).expect("fused"))
+            });
+            group.bench_with_input(BenchmarkId::new("reference", &id), &x, |b, x| {
+                b.iter(|| rms_norm_ref(x, &w, 1e-6).expect("reference"))
+            });
+        }
+    }
+    group.finish();
+}
 
 fn silu_and_mul_bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("silu_and_mul");
     for dtype in [DType::F32, DType::BF16] {
         for rows in [1usize, 128] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 2 * 4864), &Device::Cpu)
-                .and_then(|t| t.to_dtype(dtype))
-                .expect("random input");
+            let x = randn((rows, 2 * 4864), dtype);
             let id = format!("{dtype:?}/{rows}");
             group.bench_with_input(BenchmarkId::new("fused", &id), &x, |b, x| {
                 b.iter(|| silu_and_mul(x).expect("fused"))
@@ -25,5 +85,5 @@ fn silu_and_mul_bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, silu_and_mul_bench);
+criterion_group!(benches, linear_bench, rms_norm_bench, silu_and_mul_bench);
 criterion_main!(benches);

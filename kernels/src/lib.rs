@@ -2,11 +2,22 @@
 //! against; CPU implementations are always built, CUDA ones with feature `cuda`.
 
 mod attention;
+mod gemm;
+mod isa;
+mod kv_write;
 mod linear;
+mod paged_attention;
+mod rms_norm;
 mod silu_and_mul;
 
-pub use attention::{causal_attention, causal_attention_ref};
-pub use linear::{linear, linear_ref};
+pub use attention::causal_attention_ref;
+pub use isa::{cpu_isa, cpu_isa_warning, detect as detect_isa, supported_isas, Isa};
+pub use kv_write::write_kv;
+pub use linear::{linear, linear_bias, linear_ref, linear_with_isa};
+pub use paged_attention::{
+    causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
+};
+pub use rms_norm::{rms_norm, rms_norm_ref};
 pub use silu_and_mul::{silu_and_mul, silu_and_mul_ref};
 
 #[cfg(feature = "cuda")]

@@ -4,20 +4,35 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 struct SiluAndMul;
 
-fn silu_mul_rows<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
-    let rows = x.len() / (2 * d);
-    let mut out = Vec::with_capacity(rows * d);
-    for row in x.chunks_exact(2 * d) {
-        let (gate, up) = row.split_at(d);
-        out.extend(gate.iter().zip(up).map(|(g, u)| {
-            let g = g.to_f64() as f32;
-            let u = u.to_f64() as f32;
-            T::from_f64((g / (1.0 + (-g).exp()) * u) as f64)
-        }));
+/// Rows per parallel task; a single row (decode) stays on the calling thread.
+const ROWS_PER_TASK: usize = 4;
+
+fn silu_mul_row<T: WithDType>(row: &[T], out: &mut [T]) {
+    let (gate, up) = row.split_at(out.len());
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g.to_f64() as f32;
+        let u = u.to_f64() as f32;
+        *o = T::from_f64((g / (1.0 + (-g).exp()) * u) as f64);
     }
+}
+
+fn silu_mul_rows<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() / 2];
+    if out.len() <= d {
+        silu_mul_row(x, &mut out);
+        return out;
+    }
+    out.par_chunks_mut(ROWS_PER_TASK * d)
+        .zip(x.par_chunks(ROWS_PER_TASK * 2 * d))
+        .for_each(|(o, x)| {
+            for (o, row) in o.chunks_exact_mut(d).zip(x.chunks_exact(2 * d)) {
+                silu_mul_row(row, o);
+            }
+        });
     out
 }
 

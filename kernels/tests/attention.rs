@@ -1,8 +1,11 @@
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::max_abs;
-use ember_kernels::{causal_attention, causal_attention_ref};
+use ember_kernels::{
+    causal_attention, causal_attention_ref, paged_attention, paged_attention_ref,
+    paged_attention_with_isa, supported_isas, PagedSeq,
+};
 
 fn qkv(n: usize, ctx: usize, h: usize, kv: usize, d: usize) -> (Tensor, Tensor, Tensor) {
     let dev = Device::Cpu;
@@ -56,5 +59,126 @@ fn queries_do_not_depend_on_each_other() {
         )
         .unwrap();
         assert_eq!(&one.to_vec2::<f32>().unwrap()[0], expected, "query {i}");
+    }
+}
+
+/// A paged cache of `blocks` blocks filled with random keys and values, and each sequence's
+/// block table: blocks handed out in a scrambled order so that tables are not contiguous.
+fn paged_cache(
+    blocks: usize,
+    bs: usize,
+    kv: usize,
+    d: usize,
+    lens: &[usize],
+) -> (Tensor, Tensor, Vec<Vec<u32>>) {
+    let dev = Device::Cpu;
+    let k = Tensor::randn(0f32, 1.0, (blocks * bs, kv * d), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (blocks * bs, kv * d), &dev).unwrap();
+    let mut free: Vec<u32> = (0..blocks as u32)
+        .map(|b| (b * 7 + 3) % blocks as u32)
+        .collect();
+    let tables = lens
+        .iter()
+        .map(|&len| free.drain(..len.div_ceil(bs)).collect())
+        .collect();
+    (k, v, tables)
+}
+
+#[test]
+fn paged_matches_the_reference_on_every_path() {
+    let (bs, h, kv, d) = (4, 6, 2, 20);
+    // (start_pos, num_tokens): a prefill from 0, a chunk after a prefix, two decodes.
+    let shape = [(0usize, 5usize), (6, 3), (10, 1), (0, 1)];
+    let lens: Vec<usize> = shape.iter().map(|(s, n)| s + n).collect();
+    let (k, v, tables) = paged_cache(16, bs, kv, d, &lens);
+    let seqs: Vec<PagedSeq> = shape
+        .iter()
+        .zip(&tables)
+        .map(|(&(start_pos, num_tokens), t)| PagedSeq {
+            start_pos,
+            num_tokens,
+            block_table: t,
+        })
+        .collect();
+    let tokens: usize = shape.iter().map(|s| s.1).sum();
+    let q = Tensor::randn(0f32, 1.0, (tokens, h, d), &Device::Cpu).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    for cache_dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (k, v) = (
+            k.to_dtype(cache_dtype).unwrap(),
+            v.to_dtype(cache_dtype).unwrap(),
+        );
+        let reference = paged_attention_ref(&q, &k, &v, &seqs, bs, kv, scale).unwrap();
+        for isa in supported_isas() {
+            let ours = paged_attention_with_isa(&q, &k, &v, &seqs, bs, kv, scale, isa).unwrap();
+            assert_eq!(ours.dims(), &[tokens, h * d]);
+            let diff = max_abs(&(ours - &reference).unwrap());
+            assert!(diff < 1e-5, "{isa} cache {cache_dtype:?}: {diff}");
+        }
+    }
+    // A table that does not cover the positions is an error, not a panic.
+    let short = [PagedSeq {
+        start_pos: 8,
+        num_tokens: 1,
+        block_table: &tables[0][..1],
+    }];
+    let q1 = q.narrow(0, 0, 1).unwrap();
+    assert!(paged_attention(&q1, &k, &v, &short, bs, kv, scale).is_err());
+    let outside = [PagedSeq {
+        start_pos: 0,
+        num_tokens: 1,
+        block_table: &[99],
+    }];
+    assert!(paged_attention(&q1, &k, &v, &outside, bs, kv, scale).is_err());
+}
+
+/// A sequence's outputs are bit-identical alone, in a batch, and however its queries are
+/// chunked, on every path and cache dtype.
+#[test]
+fn paged_rows_do_not_depend_on_the_batch_or_chunking() {
+    let (bs, h, kv, d) = (4, 8, 2, 64);
+    let (k, v, tables) = paged_cache(24, bs, kv, d, &[21, 9]);
+    let q = Tensor::randn(0f32, 1.0, (21, h, d), &Device::Cpu).unwrap();
+    let other_q = Tensor::randn(0f32, 1.0, (9, h, d), &Device::Cpu).unwrap();
+    let scale = 0.125;
+    for isa in supported_isas() {
+        for dtype in [DType::F32, DType::BF16] {
+            let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+            let (q, other_q) = (q.to_dtype(dtype).unwrap(), other_q.to_dtype(dtype).unwrap());
+            let run = |q: &Tensor, seqs: &[PagedSeq]| -> Vec<Vec<f32>> {
+                paged_attention_with_isa(q, &k, &v, seqs, bs, kv, scale, isa)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            };
+            let seq = |start_pos, num_tokens| PagedSeq {
+                start_pos,
+                num_tokens,
+                block_table: &tables[0],
+            };
+            let whole = run(&q, &[seq(0, 21)]);
+            // Chunked: 0..8, 8..20, then a decode of 20.
+            let mut chunked = run(&q.narrow(0, 0, 8).unwrap(), &[seq(0, 8)]);
+            chunked.extend(run(&q.narrow(0, 8, 12).unwrap(), &[seq(8, 12)]));
+            chunked.extend(run(&q.narrow(0, 20, 1).unwrap(), &[seq(20, 1)]));
+            assert_eq!(
+                whole, chunked,
+                "{isa} {dtype:?}: chunking changed the result"
+            );
+            // In a batch after another sequence's prefill.
+            let batch_q = Tensor::cat(&[&other_q, &q.narrow(0, 20, 1).unwrap()], 0).unwrap();
+            let other = PagedSeq {
+                start_pos: 0,
+                num_tokens: 9,
+                block_table: &tables[1],
+            };
+            let batched = run(&batch_q, &[other, seq(20, 1)]);
+            assert_eq!(
+                batched[9], whole[20],
+                "{isa} {dtype:?}: the batch changed the result"
+            );
+        }
     }
 }

@@ -177,7 +177,7 @@ impl ModelConfig {
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
         if num_attention_heads == 0
             || num_key_value_heads == 0
-            || num_attention_heads % num_key_value_heads != 0
+            || !num_attention_heads.is_multiple_of(num_key_value_heads)
         {
             return Err(bad(format!(
                 "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
@@ -185,7 +185,7 @@ impl ModelConfig {
         }
         let head_dim = match (arch, raw.head_dim) {
             (_, Some(d)) => d,
-            (_, None) if raw.hidden_size % num_attention_heads == 0 => {
+            (_, None) if raw.hidden_size.is_multiple_of(num_attention_heads) => {
                 raw.hidden_size / num_attention_heads
             }
             _ => return Err(bad("hidden_size is not divisible by num_attention_heads")),
@@ -277,7 +277,7 @@ impl ModelConfig {
             Some(moe) => {
                 !moe.mlp_only_layers.contains(&layer)
                     && moe.num_experts > 0
-                    && (layer + 1) % moe.decoder_sparse_step == 0
+                    && (layer + 1).is_multiple_of(moe.decoder_sparse_step)
             }
             None => false,
         }

@@ -5,19 +5,24 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use ember_kernels::PagedSeq;
+
 use crate::batch::{Batch, SeqSlice};
 use crate::config::ModelConfig;
 
 pub trait KvCache {
-    /// Stores this step's keys and values, (num_tokens, num_kv_heads, head_dim), for `seq` at
-    /// `layer`, and returns all of that sequence's keys and values so far: (context, heads, dim).
-    fn append(
+    /// Stores this step's keys and values, (tokens, num_kv_heads, head_dim), of every sequence
+    /// of `batch` at `layer`, then returns causal attention of `q`, (tokens, heads, head_dim),
+    /// over each sequence's whole context: (tokens, heads * head_dim).
+    fn attend(
         &mut self,
         layer: usize,
-        seq: &SeqSlice,
+        batch: &Batch,
+        q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(Tensor, Tensor)>;
+        scale: f32,
+    ) -> Result<Tensor>;
 }
 
 /// One growing tensor pair per sequence and layer. Simple and exact; no sharing or paging.
@@ -36,7 +41,8 @@ impl ContiguousKvCache {
     }
 }
 
-impl KvCache for ContiguousKvCache {
+impl ContiguousKvCache {
+    /// Appends `k`, `v` of `seq` at `layer` and returns its whole context.
     fn append(
         &mut self,
         layer: usize,
@@ -81,27 +87,59 @@ impl KvCache for ContiguousKvCache {
     }
 }
 
-/// Where one sequence's tokens live in the paged cache during one step.
-#[derive(Debug)]
-struct StepSlots {
-    /// (new tokens, kv width) u32: each row repeats the token's cache slot, for `scatter_set`.
-    write: Tensor,
-    /// (context,) u32: the slots of all the sequence's tokens so far, in order.
-    read: Tensor,
+impl KvCache for ContiguousKvCache {
+    fn attend(
+        &mut self,
+        layer: usize,
+        batch: &Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let mut outputs = Vec::with_capacity(batch.seqs.len());
+        for (offset, seq) in batch.offsets() {
+            let n = seq.num_tokens;
+            let (k_all, v_all) = self.append(
+                layer,
+                seq,
+                &k.narrow(0, offset, n)?,
+                &v.narrow(0, offset, n)?,
+            )?;
+            let q_s = q.narrow(0, offset, n)?;
+            outputs.push(ember_kernels::causal_attention(
+                &q_s,
+                &k_all,
+                &v_all,
+                seq.start_pos,
+                scale,
+            )?);
+        }
+        if outputs.len() == 1 {
+            Ok(outputs.remove(0))
+        } else {
+            Tensor::cat(&outputs, 0)
+        }
+    }
 }
 
 /// The paged KV cache: per layer, keys and values of shape (num_blocks * block_size,
 /// kv_heads * head_dim); a token at position `p` of a sequence lives in slot
 /// `table[p / block_size] * block_size + p % block_size`. Block tables come from the engine's
-/// block manager through [`PagedKvCache::prepare`] before each forward pass.
+/// block manager through [`PagedKvCache::prepare`] before each forward pass; attention reads
+/// the blocks where they lie ([`ember_kernels::paged_attention`]).
 #[derive(Debug)]
 pub struct PagedKvCache {
     block_size: usize,
     num_blocks: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    dtype: DType,
     layers: Vec<(Tensor, Tensor)>,
-    step: HashMap<usize, StepSlots>,
+    /// This step's block table of each sequence, in batch order.
+    tables: Vec<Vec<u32>>,
+    /// This step's cache slot of each new token, in batch order.
+    write_slots: Vec<u32>,
 }
 
 impl PagedKvCache {
@@ -114,6 +152,7 @@ impl PagedKvCache {
             * dtype.size_in_bytes()
     }
 
+    /// `dtype` is the cache's element type, independent of the model's (f32, bf16 or f16).
     pub fn new(
         cfg: &ModelConfig,
         num_blocks: usize,
@@ -135,8 +174,10 @@ impl PagedKvCache {
             num_blocks,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
+            dtype,
             layers,
-            step: HashMap::new(),
+            tables: Vec::new(),
+            write_slots: Vec::new(),
         })
     }
 
@@ -148,6 +189,10 @@ impl PagedKvCache {
         self.block_size
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Gives the block table of each sequence of `batch` (same order) for the next forward pass.
     pub fn prepare(&mut self, batch: &Batch, tables: &[&[u32]]) -> Result<()> {
         if tables.len() != batch.seqs.len() {
@@ -157,62 +202,66 @@ impl PagedKvCache {
                 batch.seqs.len()
             );
         }
-        self.step.clear();
-        let device = batch.token_ids.device().clone();
-        let width = self.num_kv_heads * self.head_dim;
+        self.tables.clear();
+        self.write_slots.clear();
         for (seq, table) in batch.seqs.iter().zip(tables) {
             let end = seq.start_pos + seq.num_tokens;
             if end > table.len() * self.block_size {
                 candle_core::bail!("slot {}: {end} tokens but {} blocks", seq.slot, table.len());
             }
-            let slot_of = |p: usize| -> Result<u32> {
-                let block = table[p / self.block_size] as usize;
-                if block >= self.num_blocks {
-                    candle_core::bail!("block {block} out of range");
-                }
-                Ok((block * self.block_size + p % self.block_size) as u32)
-            };
-            let read: Vec<u32> = (0..end).map(slot_of).collect::<Result<_>>()?;
-            let write: Vec<u32> = read[seq.start_pos..]
-                .iter()
-                .flat_map(|&s| std::iter::repeat_n(s, width))
-                .collect();
-            self.step.insert(
-                seq.slot,
-                StepSlots {
-                    write: Tensor::from_vec(write, (seq.num_tokens, width), &device)?,
-                    read: Tensor::from_vec(read, end, &device)?,
-                },
+            let used = &table[..end.div_ceil(self.block_size)];
+            if let Some(b) = used.iter().find(|&&b| b as usize >= self.num_blocks) {
+                candle_core::bail!("block {b} out of range");
+            }
+            let bs = self.block_size;
+            self.write_slots.extend(
+                (seq.start_pos..end).map(|p| (table[p / bs] as usize * bs + p % bs) as u32),
             );
+            self.tables.push(used.to_vec());
         }
         Ok(())
     }
 }
 
 impl KvCache for PagedKvCache {
-    fn append(
+    fn attend(
         &mut self,
         layer: usize,
-        seq: &SeqSlice,
+        batch: &Batch,
+        q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let slots = self.step.get(&seq.slot).ok_or_else(|| {
-            candle_core::Error::Msg(format!("slot {} was not prepared", seq.slot))
-        })?;
+        scale: f32,
+    ) -> Result<Tensor> {
+        if self.tables.len() != batch.seqs.len() {
+            candle_core::bail!("the paged cache was not prepared for this batch");
+        }
         let (k_cache, v_cache) = self
             .layers
             .get(layer)
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
         let width = self.num_kv_heads * self.head_dim;
-        let n = seq.num_tokens;
-        k_cache.scatter_set(&slots.write, &k.reshape((n, width))?, 0)?;
-        v_cache.scatter_set(&slots.write, &v.reshape((n, width))?, 0)?;
-        let ctx = slots.read.dim(0)?;
-        let shape = (ctx, self.num_kv_heads, self.head_dim);
-        Ok((
-            k_cache.index_select(&slots.read, 0)?.reshape(shape)?,
-            v_cache.index_select(&slots.read, 0)?.reshape(shape)?,
-        ))
+        let tokens = self.write_slots.len();
+        ember_kernels::write_kv(k_cache, &k.reshape((tokens, width))?, &self.write_slots)?;
+        ember_kernels::write_kv(v_cache, &v.reshape((tokens, width))?, &self.write_slots)?;
+        let seqs: Vec<PagedSeq> = batch
+            .seqs
+            .iter()
+            .zip(&self.tables)
+            .map(|(s, table)| PagedSeq {
+                start_pos: s.start_pos,
+                num_tokens: s.num_tokens,
+                block_table: table,
+            })
+            .collect();
+        ember_kernels::paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            &seqs,
+            self.block_size,
+            self.num_kv_heads,
+            scale,
+        )
     }
 }

@@ -84,28 +84,10 @@ impl Attention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let v = v.contiguous()?;
-        // 4. Per sequence: append to the cache and attend over its whole context.
-        let mut outputs = Vec::with_capacity(batch.seqs.len());
-        for (offset, seq) in batch.offsets() {
-            let q_s = q.narrow(0, offset, seq.num_tokens)?;
-            let k_s = k.narrow(0, offset, seq.num_tokens)?;
-            let v_s = v.narrow(0, offset, seq.num_tokens)?;
-            let (k_all, v_all) = cache.append(layer, seq, &k_s, &v_s)?;
-            outputs.push(self.attend(&q_s, &k_all, &v_all, seq.start_pos)?);
-        }
-        let out = if outputs.len() == 1 {
-            outputs.remove(0)
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        // 4. Store k and v in the cache and attend over each sequence's whole context.
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let out = cache.attend(layer, batch, &q, &k, &v, scale)?;
         // 5. Output projection.
         self.o_proj.forward(&out)
-    }
-
-    /// Causal attention of `q` (n, heads, dim) at positions start..start+n over `k`, `v`
-    /// (context, kv_heads, dim) -> (n, heads * dim).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        ember_kernels::causal_attention(q, k, v, start, scale)
     }
 }

@@ -72,13 +72,7 @@ impl Module for Linear {
     /// `x`: (tokens, in) -> (tokens, out).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense { weight, bias } => {
-                let y = ember_kernels::linear(x, weight)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            Self::Dense { weight, bias } => ember_kernels::linear_bias(x, weight, bias.as_ref()),
         }
     }
 }

@@ -1,0 +1,592 @@
+//! Causal attention over a paged KV cache, read where it lies. Keys and values of a layer live
+//! in (slots, kv_heads · head_dim) tensors; token p of a sequence is in slot
+//! `table[p / block_size] · block_size + p % block_size`. Each step's queries of several
+//! sequences come as one (tokens, heads, head_dim) tensor.
+//!
+//! One work item = one query token × one kv head: the query heads sharing that kv head are
+//! computed together, so each key and value row is loaded once for the whole group. Items run
+//! in parallel on the rayon pool (decode: sequences × kv heads; prefill: tokens × kv heads).
+//!
+//! Batch invariance: for each (query, head) the arithmetic is fixed by its position alone —
+//! scores over keys 0..=p in order, an exact max, exp and sum in order, then the weighted sum of
+//! values in order, in f32 — so a token gets the same bits whatever else is in the batch and
+//! however its prompt was chunked. Paths ([`crate::Isa`]) differ only in the dot product's lanes.
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::gemm::{Store, Widen};
+use crate::{cpu_isa, Isa};
+
+/// One sequence's share of the step.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedSeq<'a> {
+    /// Tokens already in the cache before this step (the position of the first query).
+    pub start_pos: usize,
+    /// Queries of this sequence in this step; their keys and values are already written.
+    pub num_tokens: usize,
+    /// Cache blocks of the sequence, in position order.
+    pub block_table: &'a [u32],
+}
+
+/// The geometry shared by every item of one call.
+#[derive(Clone, Copy)]
+struct Shape4 {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+/// Row operations of one instruction-set path over a cache element type `T`.
+trait RowOps<T> {
+    /// `Σ q[i] · k[i]` over `d` elements.
+    ///
+    /// # Safety
+    /// `q` and `k` point to `d` readable elements; the path's CPU features are enabled.
+    unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32;
+    /// `o[i] += p · v[i]` over `d` elements.
+    ///
+    /// # Safety
+    /// `o` points to `d` writable, `v` to `d` readable elements; the path's features are enabled.
+    unsafe fn axpy(o: *mut f32, p: f32, v: *const T, d: usize);
+}
+
+struct ScalarOps;
+
+impl<T: Widen> RowOps<T> for ScalarOps {
+    #[inline(always)]
+    unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32 {
+        // SAFETY: the caller guarantees d readable elements at each pointer.
+        let (q, k) = unsafe {
+            (
+                std::slice::from_raw_parts(q, d),
+                std::slice::from_raw_parts(k, d),
+            )
+        };
+        const LANES: usize = 16;
+        let full = d / LANES * LANES;
+        let mut acc = [0f32; LANES];
+        for (qc, kc) in q[..full]
+            .chunks_exact(LANES)
+            .zip(k[..full].chunks_exact(LANES))
+        {
+            for l in 0..LANES {
+                acc[l] += qc[l] * kc[l].widen();
+            }
+        }
+        let mut width = LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                acc[l] += acc[l + width];
+            }
+            width /= 2;
+        }
+        (full..d).fold(acc[0], |s, i| s + q[i] * k[i].widen())
+    }
+
+    #[inline(always)]
+    unsafe fn axpy(o: *mut f32, p: f32, v: *const T, d: usize) {
+        // SAFETY: the caller guarantees d elements at each pointer; `o` does not alias `v`.
+        let (o, v) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(o, d),
+                std::slice::from_raw_parts(v, d),
+            )
+        };
+        for (o, v) in o.iter_mut().zip(v) {
+            *o += p * v.widen();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::RowOps;
+    use crate::gemm::{Load16, Load8};
+
+    pub(super) struct Avx2Ops;
+
+    impl<T: Load8> RowOps<T> for Avx2Ops {
+        #[inline(always)]
+        unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32 {
+            let full = d / 8 * 8;
+            // SAFETY: AVX2/FMA/F16C are enabled in every caller; loads stay below d.
+            unsafe {
+                let mut acc = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < full {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), T::load8(k.add(c)), acc);
+                    c += 8;
+                }
+                let lo = _mm256_castps256_ps128(acc);
+                let s = _mm_add_ps(lo, _mm256_extractf128_ps(acc, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                let mut s = _mm_cvtss_f32(s);
+                for i in full..d {
+                    s = (*q.add(i)).mul_add((*k.add(i)).widen(), s);
+                }
+                s
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn axpy(o: *mut f32, p: f32, v: *const T, d: usize) {
+            let full = d / 8 * 8;
+            // SAFETY: AVX2/FMA/F16C are enabled in every caller; accesses stay below d.
+            unsafe {
+                let pv = _mm256_set1_ps(p);
+                let mut c = 0;
+                while c < full {
+                    let acc = _mm256_fmadd_ps(pv, T::load8(v.add(c)), _mm256_loadu_ps(o.add(c)));
+                    _mm256_storeu_ps(o.add(c), acc);
+                    c += 8;
+                }
+                for i in full..d {
+                    *o.add(i) = p.mul_add((*v.add(i)).widen(), *o.add(i));
+                }
+            }
+        }
+    }
+
+    pub(super) struct Avx512Ops;
+
+    impl<T: Load16> RowOps<T> for Avx512Ops {
+        #[inline(always)]
+        unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32 {
+            let full = d / 16 * 16;
+            // SAFETY: AVX-512 F/BW/VL are enabled in every caller; full loads stay below d and
+            // the masked tail reads only the elements below d.
+            unsafe {
+                let mut acc = _mm512_setzero_ps();
+                let mut c = 0;
+                while c < full {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), T::load16(k.add(c)), acc);
+                    c += 16;
+                }
+                if full < d {
+                    let mask = ((1u32 << (d - full)) - 1) as __mmask16;
+                    let qv = _mm512_maskz_loadu_ps(mask, q.add(c));
+                    acc = _mm512_fmadd_ps(qv, T::load16_masked(k.add(c), mask), acc);
+                }
+                _mm512_reduce_add_ps(acc)
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn axpy(o: *mut f32, p: f32, v: *const T, d: usize) {
+            let full = d / 16 * 16;
+            // SAFETY: AVX-512 F/BW/VL are enabled in every caller; accesses stay below d (the
+            // tail through masks).
+            unsafe {
+                let pv = _mm512_set1_ps(p);
+                let mut c = 0;
+                while c < full {
+                    let acc = _mm512_fmadd_ps(pv, T::load16(v.add(c)), _mm512_loadu_ps(o.add(c)));
+                    _mm512_storeu_ps(o.add(c), acc);
+                    c += 16;
+                }
+                if full < d {
+                    let mask = ((1u32 << (d - full)) - 1) as __mmask16;
+                    let acc = _mm512_fmadd_ps(
+                        pv,
+                        T::load16_masked(v.add(c), mask),
+                        _mm512_maskz_loadu_ps(mask, o.add(c)),
+                    );
+                    _mm512_mask_storeu_ps(o.add(c), mask, acc);
+                }
+            }
+        }
+    }
+}
+
+/// Per-thread buffers, reused across items and calls.
+#[derive(Default)]
+struct Scratch {
+    /// The item's query heads in f32 (group × d).
+    q: Vec<f32>,
+    /// Scores, then softmax numerators (group × context).
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+    /// The item's output heads in f32 (group × d).
+    out: Vec<f32>,
+}
+
+/// One work item: query heads `g·group .. (g+1)·group` of the token at position `pos`.
+#[derive(Clone, Copy)]
+struct Item<'a> {
+    table: &'a [u32],
+    pos: usize,
+    g: usize,
+}
+
+/// Attends one item over keys and values 0..=pos: reads `w.q`, writes `w.out`.
+///
+/// # Safety
+/// The path `R`'s CPU features are enabled; `it.table` covers positions 0..=pos with blocks
+/// whose slots lie inside `k` and `v`, and `w.q` holds group × d values (checked by the caller).
+#[inline(always)]
+unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
+    let (d, group, bs) = (s.head_dim, s.heads / s.kv_heads, s.block_size);
+    let ctx = it.pos + 1;
+    let width = s.kv_heads * d;
+    let row = |j: usize| (it.table[j / bs] as usize * bs + j % bs) * width + it.g * d;
+    w.scores.clear();
+    w.scores.resize(group * ctx, 0.0);
+    w.sums.clear();
+    w.sums.resize(group, 0.0);
+    w.out.clear();
+    w.out.resize(group * d, 0.0);
+    let (q, scores, out) = (&w.q, &mut w.scores, &mut w.out);
+    // SAFETY (whole body): rows come from `row`, inside k and v as the caller checked; q and
+    // out hold group × d values and scores group × ctx.
+    unsafe {
+        // 1. Scores, key by key; every head of the group reads the key row once loaded.
+        for j in 0..ctx {
+            let kr = k.as_ptr().add(row(j));
+            for h in 0..group {
+                *scores.get_unchecked_mut(h * ctx + j) =
+                    R::dot(q.as_ptr().add(h * d), kr, d) * s.scale;
+            }
+        }
+        // 2. Exact softmax numerators per head, in order.
+        for (h, sum) in w.sums.iter_mut().enumerate() {
+            let sc = &mut scores[h * ctx..(h + 1) * ctx];
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in sc.iter_mut() {
+                *x = (*x - max).exp();
+                *sum += *x;
+            }
+        }
+        // 3. Weighted sum of values, value by value.
+        for j in 0..ctx {
+            let vr = v.as_ptr().add(row(j));
+            for h in 0..group {
+                let p = *scores.get_unchecked(h * ctx + j);
+                R::axpy(out.as_mut_ptr().add(h * d), p, vr, d);
+            }
+        }
+        for (h, sum) in w.sums.iter().enumerate() {
+            for o in &mut out[h * d..(h + 1) * d] {
+                *o /= sum;
+            }
+        }
+    }
+}
+
+/// `item` compiled for one path.
+type ItemFn<T> = unsafe fn(Shape4, Item, &[T], &[T], &mut Scratch);
+
+fn item_scalar<T: Widen>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
+    // SAFETY: the scalar path needs no CPU feature; the caller checked the table.
+    unsafe { item::<T, ScalarOps>(s, it, k, v, w) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn item_avx2<T: crate::gemm::Load8>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
+    // SAFETY: the features are enabled here; the caller checked the table.
+    unsafe { item::<T, x86::Avx2Ops>(s, it, k, v, w) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn item_avx512<T: crate::gemm::Load16>(
+    s: Shape4,
+    it: Item,
+    k: &[T],
+    v: &[T],
+    w: &mut Scratch,
+) {
+    // SAFETY: the features are enabled here; the caller checked the table.
+    unsafe { item::<T, x86::Avx512Ops>(s, it, k, v, w) }
+}
+
+/// The item function for `isa` (the best the CPU supports at or below it).
+fn item_fn<T: crate::gemm::WeightType>(isa: Isa) -> ItemFn<T> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa >= Isa::Avx512 && Isa::Avx512.is_supported() {
+            return item_avx512::<T>;
+        }
+        if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
+            return item_avx2::<T>;
+        }
+    }
+    let _ = isa;
+    item_scalar::<T>
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+struct PagedAttention<'a> {
+    seqs: &'a [PagedSeq<'a>],
+    shape: Shape4,
+    isa: Isa,
+}
+
+impl PagedAttention<'_> {
+    /// Checks every table against the cache and returns, per token, (sequence, position).
+    fn plan(&self, tokens: usize, slots: usize) -> Result<Vec<(usize, usize)>> {
+        let mut per_token = Vec::with_capacity(tokens);
+        for (i, s) in self.seqs.iter().enumerate() {
+            let end = s.start_pos + s.num_tokens;
+            let bs = self.shape.block_size;
+            if end > s.block_table.len() * bs {
+                candle_core::bail!(
+                    "paged_attention: {end} positions but {} blocks of {bs}",
+                    s.block_table.len()
+                );
+            }
+            let used = end.div_ceil(bs);
+            if let Some(b) = s.block_table[..used]
+                .iter()
+                .find(|&&b| (b as usize + 1) * bs > slots)
+            {
+                candle_core::bail!("paged_attention: block {b} beyond the cache's {slots} slots");
+            }
+            per_token.extend((s.start_pos..end).map(|p| (i, p)));
+        }
+        if per_token.len() != tokens {
+            candle_core::bail!(
+                "paged_attention: {} query tokens but the sequences hold {}",
+                tokens,
+                per_token.len()
+            );
+        }
+        Ok(per_token)
+    }
+
+    fn run<T: crate::gemm::WeightType, Q: Widen + Store>(
+        &self,
+        q: &[Q],
+        k: &[T],
+        v: &[T],
+        plan: &[(usize, usize)],
+    ) -> Vec<Q> {
+        let s = self.shape;
+        let (d, group) = (s.head_dim, s.heads / s.kv_heads);
+        let f = item_fn::<T>(self.isa);
+        let mut out = vec![Q::from_f32(0.0); plan.len() * s.heads * d];
+        out.par_chunks_mut(group * d)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let (t, g) = (c / s.kv_heads, c % s.kv_heads);
+                let (seq, pos) = plan[t];
+                let q0 = (t * s.heads + g * group) * d;
+                let it = Item {
+                    table: self.seqs[seq].block_table,
+                    pos,
+                    g,
+                };
+                SCRATCH.with_borrow_mut(|w| {
+                    w.q.clear();
+                    w.q.extend(q[q0..q0 + group * d].iter().map(|x| x.widen()));
+                    // SAFETY: `item_fn` returned a function for a path this CPU supports; `plan`
+                    // checked that the table covers 0..=pos inside the cache; w.q is group × d.
+                    unsafe { f(s, it, k, v, w) };
+                    for (dst, x) in out.iter_mut().zip(&w.out) {
+                        *dst = Q::from_f32(*x);
+                    }
+                });
+            });
+        out
+    }
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("paged_attention: operands must be contiguous"),
+    }
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "ember-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = self.shape;
+        let (tokens, heads, d) = ql.shape().dims3()?;
+        let width = s.kv_heads * d;
+        let slots = kl.shape().elem_count() / width.max(1);
+        if heads != s.heads
+            || d != s.head_dim
+            || s.kv_heads == 0
+            || !heads.is_multiple_of(s.kv_heads)
+            || kl.shape().elem_count() != slots * width
+            || vl.shape() != kl.shape()
+        {
+            candle_core::bail!(
+                "paged_attention: q {:?}, cache {:?} / {:?}, {} kv heads",
+                ql.shape(),
+                kl.shape(),
+                vl.shape(),
+                s.kv_heads
+            );
+        }
+        let plan = self.plan(tokens, slots)?;
+        macro_rules! with_cache {
+            ($q:expr, $wrap:path) => {
+                match (ks, vs) {
+                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
+                    }
+                    (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
+                    }
+                    (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
+                    }
+                    _ => candle_core::bail!(
+                        "paged_attention: unsupported cache dtypes {:?} / {:?}",
+                        ks.dtype(),
+                        vs.dtype()
+                    ),
+                }
+            };
+        }
+        let out = match qs {
+            CpuStorage::F32(q) => with_cache!(slice(q, ql)?, CpuStorage::F32),
+            CpuStorage::BF16(q) => with_cache!(slice(q, ql)?, CpuStorage::BF16),
+            CpuStorage::F16(q) => with_cache!(slice(q, ql)?, CpuStorage::F16),
+            other => candle_core::bail!("paged_attention: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((tokens, heads * d))))
+    }
+}
+
+/// Causal attention of `q` (tokens, heads, head_dim) — the queries of `seqs`, in order — over
+/// each sequence's keys and values in the paged caches `k_cache`, `v_cache` (slots, kv_heads ·
+/// head_dim, any shape with that many elements). This step's keys and values must already be
+/// written. Returns (tokens, heads · head_dim) in q's dtype.
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[PagedSeq],
+    block_size: usize,
+    num_kv_heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    paged_attention_with_isa(
+        q,
+        k_cache,
+        v_cache,
+        seqs,
+        block_size,
+        num_kv_heads,
+        scale,
+        cpu_isa(),
+    )
+}
+
+/// [`paged_attention`] on a given instruction-set path (tests compare paths).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with_isa(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[PagedSeq],
+    block_size: usize,
+    num_kv_heads: usize,
+    scale: f32,
+    isa: Isa,
+) -> Result<Tensor> {
+    let (_, heads, head_dim) = q.dims3()?;
+    if block_size == 0 {
+        candle_core::bail!("paged_attention: block size 0");
+    }
+    if !q.device().is_cpu() {
+        return paged_attention_ref(q, k_cache, v_cache, seqs, block_size, num_kv_heads, scale);
+    }
+    let op = PagedAttention {
+        seqs,
+        shape: Shape4 {
+            heads,
+            kv_heads: num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+        },
+        isa,
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&k_cache.contiguous()?, &v_cache.contiguous()?, &op)
+}
+
+/// Plain-candle reference of [`paged_attention`]: gathers each sequence's context and runs
+/// [`crate::causal_attention_ref`].
+pub fn paged_attention_ref(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[PagedSeq],
+    block_size: usize,
+    num_kv_heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (_, _, d) = q.dims3()?;
+    let k_all = k_cache.reshape(((), num_kv_heads, d))?;
+    let v_all = v_cache.reshape(((), num_kv_heads, d))?;
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut offset = 0;
+    for s in seqs {
+        let end = s.start_pos + s.num_tokens;
+        let slots: Vec<u32> = (0..end)
+            .map(|p| s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+            .collect();
+        let idx = Tensor::from_vec(slots, end, q.device())?;
+        let k = k_all.index_select(&idx, 0)?.to_dtype(q.dtype())?;
+        let v = v_all.index_select(&idx, 0)?.to_dtype(q.dtype())?;
+        let qs = q.narrow(0, offset, s.num_tokens)?;
+        outs.push(crate::causal_attention_ref(
+            &qs,
+            &k,
+            &v,
+            s.start_pos,
+            scale,
+        )?);
+        offset += s.num_tokens;
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// Causal attention of one sequence over a contiguous context: `q` (n, heads, d) at positions
+/// `start..start + n`, `k`, `v` (context, kv_heads, d). The same kernel as [`paged_attention`]
+/// with the whole context as one block. Returns (n, heads · d).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (n, _, _) = q.dims3()?;
+    let (ctx, kv, _) = k.dims3()?;
+    let table = [0u32];
+    let seqs = [PagedSeq {
+        start_pos: start,
+        num_tokens: n,
+        block_table: &table,
+    }];
+    paged_attention(q, k, v, &seqs, ctx.max(1), kv, scale)
+}
