@@ -133,6 +133,23 @@ pub struct EngineArgs {
     pub max_num_seqs: usize,
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// KV-cache element type: auto (the model's dtype), bf16, f16 or f32. bf16/f16 halve the
+    /// cache of an f32 model.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype)]
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+/// `--kv-cache-dtype`: `None` for auto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheDtype(pub Option<candle_core::DType>);
+
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    match s {
+        "auto" => Ok(KvCacheDtype(None)),
+        other => crate::device::parse_dtype(other)
+            .map(|d| KvCacheDtype(Some(d)))
+            .map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(Debug, Args)]

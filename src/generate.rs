@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use candle_core::DType;
 use ember_models::{
-    eos_token_ids, load_model, resolve, Batch, ContiguousKvCache, LogitsRows, QwenModel,
+    eos_token_ids, load_model, resolve, Batch, LogitsRows, PagedKvCache, QwenModel,
 };
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -98,7 +98,17 @@ impl LoadedModel {
                 prompt.len()
             ));
         }
-        let mut cache = ContiguousKvCache::new(self.model.config().num_hidden_layers);
+        // One sequence: a paged cache just large enough, its blocks in order.
+        const BLOCK: usize = 16;
+        let num_blocks = (prompt.len() + max_tokens).div_ceil(BLOCK);
+        let mut cache = PagedKvCache::new(
+            self.model.config(),
+            num_blocks,
+            BLOCK,
+            self.model.dtype(),
+            self.model.device(),
+        )?;
+        let table: Vec<u32> = (0..num_blocks as u32).collect();
         let mut sampler = Sampler::new(params.clone(), prompt);
         let mut generated: Vec<u32> = Vec::with_capacity(max_tokens);
         let mut detok = Detokenizer::new(true, Vec::new(), false);
@@ -113,6 +123,7 @@ impl LoadedModel {
                 max_positions,
                 self.model.device(),
             )?;
+            cache.prepare(&batch, &[&table])?;
             let logits = self
                 .model
                 .forward(&batch, &mut cache)?

@@ -1,7 +1,6 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
-use clap::Parser;
 use ember::api::{ApiConfig, AppState};
 use ember::bench::{run_latency, run_offline};
 use ember::cli::{
@@ -21,7 +20,10 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = Cli::parse();
+    if let Some(warning) = ember_kernels::cpu_isa_warning() {
+        tracing::warn!("{warning}");
+    }
+    let cli = parse_cli();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
@@ -46,6 +48,24 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The command line, with `--version` naming the CPU kernel path this machine runs.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let version = format!(
+        "{} (cpu kernels: {}; this cpu supports {}; EMBER_CPU_ISA forces a lower one)",
+        env!("CARGO_PKG_VERSION"),
+        ember_kernels::cpu_isa(),
+        ember_kernels::supported_isas()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let version: &'static str = Box::leak(version.into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -123,6 +143,7 @@ fn engine_config(args: &EngineArgs, device: DeviceSpec) -> EngineConfig {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: !args.no_prefix_caching,
+        kv_cache_dtype: args.kv_cache_dtype.0,
         ..EngineConfig::default()
     }
 }

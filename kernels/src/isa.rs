@@ -114,6 +114,38 @@ fn selection() -> &'static (Isa, Option<String>) {
     })
 }
 
+/// Test support: reruns the running test binary once for every path this CPU supports below
+/// the one in use, with `EMBER_CPU_ISA` set (and `skip_test`, the caller, skipped), so a whole
+/// suite runs on every path. Returns the paths that passed, or what failed. Inside such a rerun
+/// (`EMBER_CPU_ISA` already set) it does nothing.
+pub fn rerun_tests_on_lower_isas(skip_test: &str) -> Result<Vec<Isa>, String> {
+    if std::env::var_os("EMBER_CPU_ISA").is_some() {
+        return Ok(Vec::new());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current test binary: {e}"))?;
+    let mut passed = Vec::new();
+    for isa in supported_isas().into_iter().filter(|&i| i < cpu_isa()) {
+        let out = std::process::Command::new(&exe)
+            .args(["--skip", skip_test, "--test-threads", "2"])
+            .env("EMBER_CPU_ISA", isa.name())
+            .output()
+            .map_err(|e| format!("rerunning {} on {isa}: {e}", exe.display()))?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "EMBER_CPU_ISA={isa}: {}\n{}\n{}",
+                out.status,
+                tail.join("\n"),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        passed.push(isa);
+    }
+    Ok(passed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

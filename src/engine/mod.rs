@@ -65,6 +65,8 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub enable_prefix_caching: bool,
+    /// KV-cache element type; `None` is the model's dtype.
+    pub kv_cache_dtype: Option<DType>,
     /// Test hook: every completion is this text's tokens, then EOS, whatever the model says
     /// (log-probabilities stay the model's). Lets tests over tiny random models exercise
     /// tool-call and reasoning parsing; never set in production.
@@ -79,6 +81,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             enable_prefix_caching: true,
+            kv_cache_dtype: None,
             debug_forced_output: None,
         }
     }
@@ -131,7 +134,7 @@ impl EngineHandle {
     ) -> anyhow::Result<(Self, std::thread::JoinHandle<()>)> {
         let model = loaded.model;
         let mcfg = model.config().clone();
-        let dtype: DType = model.dtype();
+        let dtype: DType = cfg.kv_cache_dtype.unwrap_or(model.dtype());
         let per_block = PagedKvCache::bytes_per_block(&mcfg, cfg.block_size, dtype);
         let budget = cfg.kv_cache.bytes(model.device())?;
         let num_blocks = budget / per_block.max(1);
@@ -152,6 +155,8 @@ impl EngineHandle {
             num_blocks,
             block_size = cfg.block_size,
             max_cache_tokens = limits.max_cache_tokens,
+            ?dtype,
+            cpu_kernels = %ember_kernels::cpu_isa(),
             "KV cache allocated"
         );
         let scheduler = Scheduler::new(

@@ -66,6 +66,66 @@ impl Load16 for f16 {
     }
 }
 
+/// Sums each of up to 16 accumulators (MR × NR ≤ 16) with one shared shuffle tree: 15 adds
+/// and 30 shuffles for a whole tile instead of 8 operations per output. Every accumulator is
+/// folded the same way wherever it sits (lanes i + i+8, then + i+4, then pairs, then the last
+/// two), so an output's bits do not depend on its tile or slot.
+///
+/// # Safety
+/// AVX-512F must be enabled in the caller.
+#[inline(always)]
+unsafe fn reduce_tile<const MR: usize, const NR: usize>(
+    acc: &[[__m512; NR]; MR],
+) -> [[f32; NR]; MR] {
+    // SAFETY: AVX-512F is enabled in every caller; the shuffles only move lanes.
+    unsafe {
+        // The tree leaves output o in lane o when it is fed in slot (o % 4) * 4 + o / 4.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (m, row) in acc.iter().enumerate() {
+            for (n, &a) in row.iter().enumerate() {
+                let o = m * NR + n;
+                v[(o % 4) * 4 + o / 4] = a;
+            }
+        }
+        // 16 vectors × 16 lanes -> 8 × (2 sources × 8 lanes): a 256-bit half plus the other.
+        let mut s = [_mm512_setzero_ps(); 8];
+        for k in 0..8 {
+            let (a, b) = (v[2 * k], v[2 * k + 1]);
+            let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+            s[k] = _mm512_add_ps(lo, hi);
+        }
+        // -> 4 × (4 sources × 4 lanes): each 128-bit quarter plus its neighbour.
+        let mut t = [_mm512_setzero_ps(); 4];
+        for k in 0..4 {
+            let (a, b) = (s[2 * k], s[2 * k + 1]);
+            let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+            t[k] = _mm512_add_ps(lo, hi);
+        }
+        // -> 2 × (8 sources × 2 lanes): lanes (0, 1) plus (2, 3) within each quarter.
+        let mut u = [_mm512_setzero_ps(); 2];
+        for k in 0..2 {
+            let (a, b) = (_mm512_castps_pd(t[2 * k]), _mm512_castps_pd(t[2 * k + 1]));
+            let lo = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            let hi = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+            u[k] = _mm512_add_ps(lo, hi);
+        }
+        // -> 16 sums: the two remaining lanes of each source.
+        let even = _mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]);
+        let odd = _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]);
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_add_ps(even, odd));
+        let mut out = [[0f32; NR]; MR];
+        for (m, row) in out.iter_mut().enumerate() {
+            for (n, o) in row.iter_mut().enumerate() {
+                *o = sums[m * NR + n];
+            }
+        }
+        out
+    }
+}
+
 /// How a family computes one tile; `X` is the activation type.
 trait Tile<X, W> {
     /// # Safety
@@ -117,13 +177,7 @@ impl<W: Load16> Tile<f32, W> for Fma {
                     }
                 }
             }
-            let mut out = [[0f32; NR]; MR];
-            for m in 0..MR {
-                for n in 0..NR {
-                    out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
-                }
-            }
-            out
+            reduce_tile(&acc)
         }
     }
 }
@@ -188,13 +242,7 @@ impl Tile<bf16, bf16> for Dpbf16 {
                     }
                 }
             }
-            let mut out = [[0f32; NR]; MR];
-            for m in 0..MR {
-                for n in 0..NR {
-                    out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
-                }
-            }
-            out
+            reduce_tile(&acc)
         }
     }
 }
@@ -271,7 +319,36 @@ unsafe fn task_fma<W: Load16, F: FnMut(usize, usize, f32)>(
     emit: F,
 ) {
     // SAFETY: the features are enabled here.
-    unsafe { all_rows::<f32, W, Fma, F>(x, m, w, k, emit) }
+    unsafe {
+        if m < PACK_MIN_ROWS || !W::WIDENS {
+            return all_rows::<f32, W, Fma, F>(x, m, w, k, emit);
+        }
+        // Several rows of x will pass over these weights: widen them once into f32 so the
+        // inner loop is loads and FMAs only. Widening is exact, so every output gets the same
+        // bits as on the unpacked path.
+        PACKED.with_borrow_mut(|packed| {
+            packed.clear();
+            packed.resize(w.len(), 0.0);
+            let full = w.len() / 16 * 16;
+            let mut c = 0;
+            while c < full {
+                _mm512_storeu_ps(packed.as_mut_ptr().add(c), W::load16(w.as_ptr().add(c)));
+                c += 16;
+            }
+            for i in full..w.len() {
+                packed[i] = w[i].widen();
+            }
+            all_rows::<f32, f32, Fma, F>(x, m, packed, k, emit)
+        })
+    }
+}
+
+/// Rows of x from which a task widens its weights once instead of in every tile.
+const PACK_MIN_ROWS: usize = 4;
+
+thread_local! {
+    /// A task's weights widened to f32, reused across tasks.
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// # Safety

@@ -29,10 +29,13 @@ const ROWS_PER_TASK: usize = 32;
 
 /// An element type that widens to f32 exactly.
 pub(crate) trait Widen: Copy + Send + Sync + 'static {
+    /// Whether widening does any work (false for f32 itself).
+    const WIDENS: bool = true;
     fn widen(self) -> f32;
 }
 
 impl Widen for f32 {
+    const WIDENS: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
