@@ -212,6 +212,9 @@ pub struct OfflineArgs {
     pub latency: bool,
     #[arg(long, value_delimiter = ',', default_value = "128,512")]
     pub prefill_lens: Vec<usize>,
+    /// With --latency: decode tok/s after a prompt of each of these lengths (long context).
+    #[arg(long, value_delimiter = ',')]
+    pub context_lens: Vec<usize>,
 }
 
 #[derive(Debug, Args)]

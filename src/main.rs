@@ -124,6 +124,30 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The decode profile on stderr: milliseconds per token by op class, and the rest of the step.
+fn print_profile(r: &ember::bench::LatencyResult, isa: ember_kernels::Isa) {
+    let step = 1e3 / r.decode_tokens_per_s.max(1e-9);
+    eprintln!(
+        "decode step profile (batch 1, 16-token prompt, cpu kernels {isa}): {step:.2} ms/token"
+    );
+    let mut claimed = 0.0;
+    for (class, per_token) in &r.decode_profile {
+        let ms = per_token.as_secs_f64() * 1e3;
+        claimed += ms;
+        eprintln!(
+            "  {:<10} {ms:>8.2} ms {:>5.1} %",
+            class.name(),
+            100.0 * ms / step
+        );
+    }
+    let other = (step - claimed).max(0.0);
+    eprintln!(
+        "  {:<10} {other:>8.2} ms {:>5.1} %",
+        "other",
+        100.0 * other / step
+    );
+}
+
 /// Parses --device and --dtype and loads the model they name.
 fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
     let device: DeviceSpec = args.device.parse()?;
@@ -217,12 +241,22 @@ fn bench_offline(args: OfflineArgs) -> Result<()> {
         limits.num_blocks, limits.block_size, limits.max_cache_tokens
     );
     if args.latency {
-        let r = run_latency(&handle, &args.prefill_lens, args.output_len, args.seed)?;
+        let r = run_latency(
+            &handle,
+            &args.prefill_lens,
+            &args.context_lens,
+            args.output_len,
+            args.seed,
+        )?;
         println!("mode,prompt_len,tokens,tok_per_s");
         for (len, rate) in &r.prefill {
             println!("prefill,{len},{len},{rate:.2}");
         }
         println!("decode,16,{},{:.2}", r.decode_tokens, r.decode_tokens_per_s);
+        for (len, rate) in &r.long_context {
+            println!("decode,{len},{},{rate:.2}", args.output_len.max(2));
+        }
+        print_profile(&r, ember_kernels::cpu_isa());
         return Ok(());
     }
     println!("concurrency,input_len,output_len,seconds,output_tokens,output_tok_per_s,mean_ttft_s");

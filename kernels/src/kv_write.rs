@@ -79,6 +79,7 @@ impl InplaceOp2 for WriteKv<'_> {
 /// Writes row i of `src` (tokens, width) into row `slots[i]` of `cache` (slots, width), in
 /// place, converting to the cache's dtype.
 pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32]) -> Result<()> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Attention);
     if cache.device().is_cpu() {
         return cache.inplace_op2(&src.contiguous()?, &WriteKv { slots });
     }

@@ -7,6 +7,7 @@ mod isa;
 mod kv_write;
 mod linear;
 mod paged_attention;
+pub mod profile;
 mod rms_norm;
 mod silu_and_mul;
 

@@ -112,6 +112,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
 /// [`linear_bias`] on a given instruction-set path (tests and benchmarks compare paths; a path
 /// the CPU lacks falls back to the best one below it).
 pub fn linear_with_isa(x: &Tensor, w: &Tensor, b: Option<&Tensor>, isa: Isa) -> Result<Tensor> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Matmul);
     let ours = matches!(x.device(), Device::Cpu)
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);

@@ -511,6 +511,7 @@ pub fn paged_attention_with_isa(
     scale: f32,
     isa: Isa,
 ) -> Result<Tensor> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Attention);
     let (_, heads, head_dim) = q.dims3()?;
     if block_size == 0 {
         candle_core::bail!("paged_attention: block size 0");

@@ -114,6 +114,7 @@ impl CustomOp2 for RmsNorm {
 /// RMSNorm of `x` (any leading shape, last dimension d) with weight `w` (d,). On CPU one fused
 /// pass; elsewhere the reference.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Norm);
     if x.device().is_cpu() && x.dtype() == w.dtype() {
         x.contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &RmsNorm { eps: eps as f32 })

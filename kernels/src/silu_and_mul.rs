@@ -157,6 +157,7 @@ fn check(x: &Tensor) -> Result<()> {
 
 /// Fused `silu(x[:, :d]) * x[:, d:]` for `x` of shape (rows, 2d).
 pub fn silu_and_mul(x: &Tensor) -> Result<Tensor> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Activation);
     check(x)?;
     x.contiguous()?.apply_op1_no_bwd(&SiluAndMul)
 }

@@ -8,6 +8,8 @@ use anyhow::{anyhow, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use ember_kernels::profile::{self, OpClass};
+
 use crate::engine::{EngineEvent, EngineHandle, RequestStream, SamplingParams, ValidRequest};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,13 +110,20 @@ pub struct LatencyResult {
     pub prefill: Vec<(usize, f64)>,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// Where the decode steps' time went, per op class, per token (what no class claims is
+    /// the rest of the step: the engine, candle's small ops, copies).
+    pub decode_profile: Vec<(OpClass, Duration)>,
+    /// (context length, decode tokens/s after a prompt of that length)
+    pub long_context: Vec<(usize, f64)>,
 }
 
 /// One request at a time: each prefill length with max_tokens 1 (time to the first token),
-/// then `output_len` tokens after a 16-token prompt (decode rate after the first token).
+/// then `output_len` tokens after a 16-token prompt (decode rate after the first token, with
+/// the op profile), then `output_len` tokens after a prompt of each `context_lens`.
 pub fn run_latency(
     handle: &EngineHandle,
     prefill_lens: &[usize],
+    context_lens: &[usize],
     output_len: usize,
     seed: u64,
 ) -> Result<LatencyResult> {
@@ -125,13 +134,34 @@ pub fn run_latency(
             .map(|_| rng.random_range(1000..vocab.min(100_000)))
             .collect()
     };
+    // (tokens, time to first token, total); the profile counts from the first token on.
     let one = |prompt: Vec<u32>, max_tokens: usize| -> Result<(usize, Duration, Duration)> {
         let mut r = ValidRequest::greedy(prompt, max_tokens);
         r.ignore_eos = true;
         let start = Instant::now();
-        let stream = handle.submit(r).map_err(|e| anyhow!("{e}"))?;
-        let (tokens, ttft) = wait(stream, start)?;
-        Ok((tokens, ttft, start.elapsed()))
+        let mut stream = handle.submit(r).map_err(|e| anyhow!("{e}"))?;
+        let (mut tokens, mut ttft) = (0, None);
+        loop {
+            match stream
+                .blocking_recv()
+                .ok_or_else(|| anyhow!("the engine stopped"))?
+            {
+                EngineEvent::Token { .. } => {
+                    tokens += 1;
+                    ttft.get_or_insert_with(|| {
+                        profile::reset();
+                        start.elapsed()
+                    });
+                }
+                EngineEvent::Finished { .. } => {
+                    return Ok((tokens, ttft.unwrap_or_default(), start.elapsed()))
+                }
+                _ => {}
+            }
+        }
+    };
+    let decode_rate = |(tokens, ttft, total): (usize, Duration, Duration)| {
+        tokens.saturating_sub(1) as f64 / (total - ttft).as_secs_f64().max(1e-9)
     };
     // A warm-up request so that first-call costs do not count.
     one(prompt(16), 2)?;
@@ -140,11 +170,24 @@ pub fn run_latency(
         let (_, ttft, _) = one(prompt(len), 1)?;
         prefill.push((len, len as f64 / ttft.as_secs_f64().max(1e-9)));
     }
-    let (tokens, ttft, total) = one(prompt(16), output_len.max(2))?;
-    let decode = (total - ttft).as_secs_f64().max(1e-9);
+    profile::set_enabled(true);
+    let decode = one(prompt(16), output_len.max(2));
+    profile::set_enabled(false);
+    let decode = decode?;
+    let steps = decode.0.saturating_sub(1).max(1) as u32;
+    let decode_profile = profile::snapshot()
+        .into_iter()
+        .map(|(class, total)| (class, total / steps))
+        .collect();
+    let mut long_context = Vec::new();
+    for &len in context_lens {
+        long_context.push((len, decode_rate(one(prompt(len), output_len.max(2))?)));
+    }
     Ok(LatencyResult {
         prefill,
-        decode_tokens: tokens,
-        decode_tokens_per_s: (tokens.saturating_sub(1)) as f64 / decode,
+        decode_tokens: decode.0,
+        decode_tokens_per_s: decode_rate(decode),
+        decode_profile,
+        long_context,
     })
 }

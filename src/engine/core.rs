@@ -297,6 +297,7 @@ impl Engine {
     }
 
     fn sample(&mut self, id: SeqId, logits: &[f32]) {
+        let _t = ember_kernels::profile::timer(ember_kernels::profile::OpClass::Sampling);
         let Some(seq) = self.scheduler.get(id) else {
             return;
         };

@@ -77,6 +77,9 @@ unsafe fn hsum(v: __m256) -> f32 {
     }
 }
 
+/// How far ahead (in elements) a batch-1 tile prefetches each weight row.
+const PREFETCH_ELEMS: usize = 256;
+
 /// Dot products of MR rows of x with NR weight rows, each of length k.
 #[inline(always)]
 unsafe fn tile<W: Load8, const MR: usize, const NR: usize>(
@@ -91,6 +94,13 @@ unsafe fn tile<W: Load8, const MR: usize, const NR: usize>(
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let mut c = 0;
         while c < full {
+            if MR == 1 {
+                // Batch-1 decode streams weights from memory: ask for them early.
+                for n in 0..NR {
+                    let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                }
+            }
             let mut w = [_mm256_setzero_ps(); NR];
             for n in 0..NR {
                 w[n] = W::load8(ws[n].add(c));

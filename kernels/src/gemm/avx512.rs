@@ -126,6 +126,9 @@ unsafe fn reduce_tile<const MR: usize, const NR: usize>(
     }
 }
 
+/// How far ahead (in elements) a batch-1 tile prefetches each weight row.
+const PREFETCH_ELEMS: usize = 512;
+
 /// How a family computes one tile; `X` is the activation type.
 trait Tile<X, W> {
     /// # Safety
@@ -154,6 +157,13 @@ impl<W: Load16> Tile<f32, W> for Fma {
             let mut w = [_mm512_setzero_ps(); NR];
             let mut c = 0;
             while c < full {
+                if MR == 1 {
+                    // Batch-1 decode streams weights from memory: ask for them early.
+                    for n in 0..NR {
+                        let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
                 for n in 0..NR {
                     w[n] = W::load16(ws[n].add(c));
                 }
@@ -219,6 +229,13 @@ impl Tile<bf16, bf16> for Dpbf16 {
             let mut w = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); NR];
             let mut c = 0;
             while c < full {
+                if MR == 1 {
+                    // Batch-1 decode streams weights from memory: ask for them early.
+                    for n in 0..NR {
+                        let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
                 for n in 0..NR {
                     w[n] = load_bh(ws[n].add(c));
                 }

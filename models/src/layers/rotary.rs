@@ -105,6 +105,7 @@ impl RotaryEmbedding {
 impl RopeRows {
     /// Rotates `x`: (tokens, heads, head_dim).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = ember_kernels::profile::timer(ember_kernels::profile::OpClass::Rope);
         let x = x.contiguous()?.unsqueeze(0)?;
         candle_nn::rotary_emb::rope_thd(&x, &self.cos, &self.sin)?.squeeze(0)
     }
