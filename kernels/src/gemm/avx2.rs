@@ -96,8 +96,8 @@ unsafe fn tile<W: Load8, const MR: usize, const NR: usize>(
         while c < full {
             if MR == 1 {
                 // Batch-1 decode streams weights from memory: ask for them early.
-                for n in 0..NR {
-                    let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                for row in ws {
+                    let ahead = row.wrapping_add(c + PREFETCH_ELEMS);
                     _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                 }
             }

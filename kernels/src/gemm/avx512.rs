@@ -159,8 +159,8 @@ impl<W: Load16> Tile<f32, W> for Fma {
             while c < full {
                 if MR == 1 {
                     // Batch-1 decode streams weights from memory: ask for them early.
-                    for n in 0..NR {
-                        let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                    for row in ws {
+                        let ahead = row.wrapping_add(c + PREFETCH_ELEMS);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                     }
                 }
@@ -231,8 +231,8 @@ impl Tile<bf16, bf16> for Dpbf16 {
             while c < full {
                 if MR == 1 {
                     // Batch-1 decode streams weights from memory: ask for them early.
-                    for n in 0..NR {
-                        let ahead = ws[n].wrapping_add(c + PREFETCH_ELEMS);
+                    for row in ws {
+                        let ahead = row.wrapping_add(c + PREFETCH_ELEMS);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                     }
                 }
