@@ -54,7 +54,7 @@ fn main() {
 fn parse_cli() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
     let version = format!(
-        "{} (cpu kernels: {}; this cpu supports {}; EMBER_CPU_ISA forces a lower one)",
+        "{} (cpu kernels: {}; this cpu supports {}; EMBER_CPU_ISA forces another)",
         env!("CARGO_PKG_VERSION"),
         ember_kernels::cpu_isa(),
         ember_kernels::supported_isas()

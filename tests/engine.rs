@@ -428,11 +428,11 @@ fn prompt_logprobs_match_transformers_across_prefill_chunks() {
     }
 }
 
-/// Every test above, rerun on each lower instruction-set path this CPU supports
+/// Every test above, rerun on each other instruction-set path this CPU supports
 /// (`EMBER_CPU_ISA`); bit-identity must hold within each path.
 #[test]
 fn every_cpu_isa_path() {
-    match ember_kernels::rerun_tests_on_lower_isas("every_cpu_isa_path") {
+    match ember_kernels::rerun_tests_on_other_isas("every_cpu_isa_path") {
         Ok(paths) => eprintln!("also passed with EMBER_CPU_ISA = {paths:?}"),
         Err(failure) => panic!("{failure}"),
     }

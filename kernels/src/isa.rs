@@ -1,6 +1,7 @@
 //! Which instruction set the CPU kernels use, chosen once at run time so that one binary runs on
-//! every x86-64 machine. `EMBER_CPU_ISA=scalar|avx2|avx512|avx512bf16` forces a lower path (tests
-//! use it to exercise every path the machine can run); a path the CPU lacks is never chosen.
+//! every x86-64 machine. `EMBER_CPU_ISA=scalar|avx2|avx512|avx512bf16` forces another supported
+//! path (tests use it to exercise every path the machine can run); a path the CPU lacks is never
+//! chosen.
 
 use std::sync::OnceLock;
 
@@ -72,8 +73,8 @@ fn detect_uncached() -> Isa {
     Isa::Scalar
 }
 
-/// The path every kernel uses in this process: the best supported one, or the lower one named
-/// by `EMBER_CPU_ISA`.
+/// The path every kernel uses in this process: the fastest supported one (see [`preferred`]),
+/// or the one named by `EMBER_CPU_ISA`.
 pub fn cpu_isa() -> Isa {
     selection().0
 }
@@ -88,25 +89,96 @@ pub fn supported_isas() -> Vec<Isa> {
     Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
 }
 
+/// The path used unless `EMBER_CPU_ISA` says otherwise: the best supported one, except that
+/// AVX-512 BF16 is used only where `vdpbf16ps` outruns plain f32 FMAs. It does on AMD Zen 4
+/// (one 512-bit dot product per cycle, twice the FMA's products); on the Intel Xeon of
+/// 2026-12-02 it retires one every two cycles, half the products of two FMA ports, and the
+/// AVX-512 path measured faster in prefill (docs/BENCHMARKS.md). A ~1 ms timing at start-up
+/// decides, with a wide margin so that noise cannot flip it.
+pub fn preferred() -> Isa {
+    static PREFERRED: OnceLock<Isa> = OnceLock::new();
+    *PREFERRED.get_or_init(|| match detect() {
+        Isa::Avx512Bf16 if !bf16_dot_is_faster() => Isa::Avx512,
+        best => best,
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_is_faster() -> bool {
+    use std::arch::x86_64::*;
+    use std::time::Instant;
+    const STEPS: usize = 16_384;
+
+    /// # Safety
+    /// The CPU must support AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dots(x: __m512i) -> f32 {
+        // SAFETY: the feature is enabled; __m512i and __m512bh are both 64-byte vectors.
+        let xb = unsafe { std::mem::transmute::<__m512i, __m512bh>(x) };
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..STEPS {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, xb, xb);
+            }
+        }
+        acc.iter().fold(0.0, |s, a| s + _mm512_reduce_add_ps(*a))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fmas(x: __m512) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for _ in 0..STEPS {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, x, x);
+            }
+        }
+        acc.iter().fold(0.0, |s, a| s + _mm512_reduce_add_ps(*a))
+    }
+
+    let time = |f: &dyn Fn() -> f32| {
+        let start = Instant::now();
+        std::hint::black_box(f());
+        start.elapsed().as_secs_f64()
+    };
+    // SAFETY (both calls): detect() found AVX-512 BF16, which implies AVX-512F.
+    let dot = || unsafe { dots(std::hint::black_box(_mm512_set1_epi16(0x3f80))) };
+    let fma = || unsafe { fmas(std::hint::black_box(_mm512_set1_ps(0.5))) };
+    time(&dot);
+    time(&fma); // warm up both units
+                // Products per second: a dot step does 32, an FMA 16.
+    let dot_rate = 32.0 / time(&dot).max(1e-9);
+    let fma_rate = 16.0 / time(&fma).max(1e-9);
+    dot_rate > 1.3 * fma_rate
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_dot_is_faster() -> bool {
+    false
+}
+
 fn selection() -> &'static (Isa, Option<String>) {
     static SELECTED: OnceLock<(Isa, Option<String>)> = OnceLock::new();
     SELECTED.get_or_init(|| {
         let best = detect();
         match std::env::var("EMBER_CPU_ISA") {
-            Err(_) => (best, None),
-            Ok(v) if v.trim().is_empty() => (best, None),
+            Err(_) => (preferred(), None),
+            Ok(v) if v.trim().is_empty() => (preferred(), None),
             Ok(v) => match Isa::parse(&v) {
                 Some(isa) if isa <= best => (isa, None),
                 Some(isa) => (
-                    best,
+                    preferred(),
                     Some(format!(
-                        "EMBER_CPU_ISA={isa} is not supported by this CPU; using {best}"
+                        "EMBER_CPU_ISA={isa} is not supported by this CPU; using {}",
+                        preferred()
                     )),
                 ),
                 None => (
-                    best,
+                    preferred(),
                     Some(format!(
-                        "EMBER_CPU_ISA={v:?} is not one of scalar, avx2, avx512, avx512bf16; using {best}"
+                        "EMBER_CPU_ISA={v:?} is not one of scalar, avx2, avx512, avx512bf16; using {}",
+                        preferred()
                     )),
                 ),
             },
@@ -114,17 +186,17 @@ fn selection() -> &'static (Isa, Option<String>) {
     })
 }
 
-/// Test support: reruns the running test binary once for every path this CPU supports below
-/// the one in use, with `EMBER_CPU_ISA` set (and `skip_test`, the caller, skipped), so a whole
+/// Test support: reruns the running test binary once for every other path this CPU supports,
+/// with `EMBER_CPU_ISA` set (and `skip_test`, the caller, skipped), so a whole
 /// suite runs on every path. Returns the paths that passed, or what failed. Inside such a rerun
 /// (`EMBER_CPU_ISA` already set) it does nothing.
-pub fn rerun_tests_on_lower_isas(skip_test: &str) -> Result<Vec<Isa>, String> {
+pub fn rerun_tests_on_other_isas(skip_test: &str) -> Result<Vec<Isa>, String> {
     if std::env::var_os("EMBER_CPU_ISA").is_some() {
         return Ok(Vec::new());
     }
     let exe = std::env::current_exe().map_err(|e| format!("current test binary: {e}"))?;
     let mut passed = Vec::new();
-    for isa in supported_isas().into_iter().filter(|&i| i < cpu_isa()) {
+    for isa in supported_isas().into_iter().filter(|&i| i != cpu_isa()) {
         let out = std::process::Command::new(&exe)
             .args(["--skip", skip_test, "--test-threads", "2"])
             .env("EMBER_CPU_ISA", isa.name())
@@ -161,6 +233,6 @@ mod tests {
         assert!(Isa::Scalar.is_supported());
         let supported = supported_isas();
         assert_eq!(supported.last().copied(), Some(detect()));
-        assert!(cpu_isa() <= detect());
+        assert!(cpu_isa() <= detect() && preferred() <= detect());
     }
 }

@@ -13,7 +13,8 @@ mod silu_and_mul;
 
 pub use attention::causal_attention_ref;
 pub use isa::{
-    cpu_isa, cpu_isa_warning, detect as detect_isa, rerun_tests_on_lower_isas, supported_isas, Isa,
+    cpu_isa, cpu_isa_warning, detect as detect_isa, preferred as preferred_isa,
+    rerun_tests_on_other_isas, supported_isas, Isa,
 };
 pub use kv_write::write_kv;
 pub use linear::{linear, linear_bias, linear_ref, linear_with_isa};

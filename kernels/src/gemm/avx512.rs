@@ -66,10 +66,10 @@ impl Load16 for f16 {
     }
 }
 
-/// Sums each of up to 16 accumulators (MR × NR ≤ 16) with one shared shuffle tree: 15 adds
-/// and 30 shuffles for a whole tile instead of 8 operations per output. Every accumulator is
-/// folded the same way wherever it sits (lanes i + i+8, then + i+4, then pairs, then the last
-/// two), so an output's bits do not depend on its tile or slot.
+/// Sums every accumulator of a tile, 16 at a time, with one shared shuffle tree per 16: 15 adds
+/// and 30 shuffles instead of 8 operations per output. Every accumulator is folded the same way
+/// wherever it sits (lanes i + i+8, then + i+4, then pairs, then the last two), so an output's
+/// bits do not depend on its tile or slot.
 ///
 /// # Safety
 /// AVX-512F must be enabled in the caller.
@@ -77,52 +77,66 @@ impl Load16 for f16 {
 unsafe fn reduce_tile<const MR: usize, const NR: usize>(
     acc: &[[__m512; NR]; MR],
 ) -> [[f32; NR]; MR] {
+    let mut out = [[0f32; NR]; MR];
+    let total = MR * NR;
+    let mut base = 0;
+    while base < total {
+        // SAFETY: AVX-512F is enabled in every caller.
+        let sums = unsafe {
+            // The tree leaves input o in lane o when it is fed in slot (o % 4) * 4 + o / 4.
+            let mut group = [_mm512_setzero_ps(); 16];
+            for o in base..total.min(base + 16) {
+                let local = o - base;
+                group[(local % 4) * 4 + local / 4] = acc[o / NR][o % NR];
+            }
+            reduce16(&group)
+        };
+        for o in base..total.min(base + 16) {
+            out[o / NR][o % NR] = sums[o - base];
+        }
+        base += 16;
+    }
+    out
+}
+
+/// Lane i of the result = the sum of the 16 lanes of input (i % 4) * 4 + i / 4.
+///
+/// # Safety
+/// AVX-512F must be enabled in the caller.
+#[inline(always)]
+unsafe fn reduce16(v: &[__m512; 16]) -> [f32; 16] {
     // SAFETY: AVX-512F is enabled in every caller; the shuffles only move lanes.
     unsafe {
-        // The tree leaves output o in lane o when it is fed in slot (o % 4) * 4 + o / 4.
-        let mut v = [_mm512_setzero_ps(); 16];
-        for (m, row) in acc.iter().enumerate() {
-            for (n, &a) in row.iter().enumerate() {
-                let o = m * NR + n;
-                v[(o % 4) * 4 + o / 4] = a;
-            }
-        }
         // 16 vectors × 16 lanes -> 8 × (2 sources × 8 lanes): a 256-bit half plus the other.
         let mut s = [_mm512_setzero_ps(); 8];
-        for k in 0..8 {
+        for (k, out) in s.iter_mut().enumerate() {
             let (a, b) = (v[2 * k], v[2 * k + 1]);
             let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
             let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
-            s[k] = _mm512_add_ps(lo, hi);
+            *out = _mm512_add_ps(lo, hi);
         }
         // -> 4 × (4 sources × 4 lanes): each 128-bit quarter plus its neighbour.
         let mut t = [_mm512_setzero_ps(); 4];
-        for k in 0..4 {
+        for (k, out) in t.iter_mut().enumerate() {
             let (a, b) = (s[2 * k], s[2 * k + 1]);
             let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
             let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
-            t[k] = _mm512_add_ps(lo, hi);
+            *out = _mm512_add_ps(lo, hi);
         }
         // -> 2 × (8 sources × 2 lanes): lanes (0, 1) plus (2, 3) within each quarter.
         let mut u = [_mm512_setzero_ps(); 2];
-        for k in 0..2 {
+        for (k, out) in u.iter_mut().enumerate() {
             let (a, b) = (_mm512_castps_pd(t[2 * k]), _mm512_castps_pd(t[2 * k + 1]));
             let lo = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
             let hi = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-            u[k] = _mm512_add_ps(lo, hi);
+            *out = _mm512_add_ps(lo, hi);
         }
         // -> 16 sums: the two remaining lanes of each source.
         let even = _mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]);
         let odd = _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]);
         let mut sums = [0f32; 16];
         _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_add_ps(even, odd));
-        let mut out = [[0f32; NR]; MR];
-        for (m, row) in out.iter_mut().enumerate() {
-            for (n, o) in row.iter_mut().enumerate() {
-                *o = sums[m * NR + n];
-            }
-        }
-        out
+        sums
     }
 }
 
@@ -302,7 +316,7 @@ unsafe fn rows<X, W, T, F, const MR: usize, const NR: usize>(
     }
 }
 
-/// All rows of x in blocks of 4 (the last block 1-3 rows) against every row of `w`.
+/// All rows of x in blocks of 6 (the last block 1-5 rows) against every row of `w`.
 #[inline(always)]
 unsafe fn all_rows<X, W, T, F>(x: &[X], m: usize, w: &[W], k: usize, mut emit: F)
 where
@@ -312,11 +326,13 @@ where
     let mut i = 0;
     // SAFETY: the caller enabled the family's features; rows stay below m.
     unsafe {
-        while i + 4 <= m {
-            rows::<X, W, T, F, 4, 4>(x, i, w, k, &mut emit);
-            i += 4;
+        while i + 6 <= m {
+            rows::<X, W, T, F, 6, 4>(x, i, w, k, &mut emit);
+            i += 6;
         }
         match m - i {
+            5 => rows::<X, W, T, F, 5, 4>(x, i, w, k, &mut emit),
+            4 => rows::<X, W, T, F, 4, 4>(x, i, w, k, &mut emit),
             3 => rows::<X, W, T, F, 3, 4>(x, i, w, k, &mut emit),
             2 => rows::<X, W, T, F, 2, 6>(x, i, w, k, &mut emit),
             1 => rows::<X, W, T, F, 1, 8>(x, i, w, k, &mut emit),
