@@ -23,10 +23,12 @@ THREADS=${THREADS:-$(nproc)}
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 EMBER_DTYPE=${EMBER_DTYPE:-bf16}
 CONCURRENCY=${CONCURRENCY:-1,4,16}
+SERVE_KV_MIB=${SERVE_KV_MIB:-1024}
 NUM_PROMPTS=${NUM_PROMPTS:-16}
 INPUT_LEN=${INPUT_LEN:-128}
 OUTPUT_LEN=${OUTPUT_LEN:-32}
 DECODE_TOKENS=${DECODE_TOKENS:-64}
+CONTEXT_LENS=${CONTEXT_LENS:-128,1024,4096}
 mkdir -p "$WORK" "$OUT"
 log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
 
@@ -97,15 +99,19 @@ done
 log "building ember (release)"
 cargo build --release --quiet
 EMBER=$ROOT/target/release/ember
-{ uname -a; nproc; grep -m1 "model name" /proc/cpuinfo; git rev-parse HEAD; date -u; } > "$OUT/machine.txt"
+{ uname -a; nproc; grep -m1 "model name" /proc/cpuinfo; git rev-parse HEAD; date -u; "$EMBER" --version; } > "$OUT/machine.txt"
 
 log "memory bandwidth"
 "$EMBER" bench memory --threads "1,$THREADS" > "$OUT/membw.csv"
 
 for d in f32 bf16; do
     log "ember batch-1 latency ($d)"
+    # bf16 also measures decode after long prompts; stderr has the per-op decode profile.
+    CONTEXT=""
+    [ "$d" = bf16 ] && CONTEXT="--context-lens $CONTEXT_LENS"
     "$EMBER" bench offline --model "$MODEL" --dtype "$d" --latency --prefill-lens 128,512 \
-        --output-len "$DECODE_TOKENS" > "$OUT/ember-latency-$d.csv"
+        --output-len "$DECODE_TOKENS" --kv-cache-mib 1024 $CONTEXT \
+        > "$OUT/ember-latency-$d.csv" 2> "$OUT/ember-latency-$d.log"
 done
 for t in f16 q8_0; do
     log "llama-bench ($t)"
@@ -134,12 +140,17 @@ bench_serve() { # name base_url
 }
 
 log "ember serve ($EMBER_DTYPE)"
+START_NS=$(date +%s%N)
 "$EMBER" serve --model "$MODEL" --dtype "$EMBER_DTYPE" --served-model-name bench --port 8311 \
-    --kv-cache-mib 2048 2> "$OUT/ember-serve.log" &
+    --kv-cache-mib "$SERVE_KV_MIB" 2> "$OUT/ember-serve.log" &
 EMBER_PID=$!
 trap 'kill $EMBER_PID 2>/dev/null || true' EXIT
 wait_health http://127.0.0.1:8311
+READY_MS=$(( ($(date +%s%N) - START_NS) / 1000000 ))
 bench_serve ember http://127.0.0.1:8311
+# Start-up time to /health 200, and peak resident memory against weights + KV budget.
+{ echo "ready_ms,$READY_MS"; echo "kv_cache_mib,$SERVE_KV_MIB";
+  echo "vm_hwm_kib,$(awk '/VmHWM/ {print $2}' /proc/$EMBER_PID/status)"; } > "$OUT/ember-serve-memory.csv"
 kill -TERM $EMBER_PID; wait $EMBER_PID || true
 
 log "llama-server (f16, --parallel 16)"

@@ -33,14 +33,25 @@ def weight_params(model_dir: Path) -> int:
 
 
 def ember_latency(path: Path):
-    out = {"prefill": {}, "decode": None}
+    out = {"prefill": {}, "decode": None, "context": {}}
     with open(path) as fh:
         for row in csv.DictReader(fh):
             if row["mode"] == "prefill":
                 out["prefill"][row["prompt_len"]] = float(row["tok_per_s"])
-            else:
+            elif row["prompt_len"] == "16":
                 out["decode"] = float(row["tok_per_s"])
+            else:
+                out["context"][int(row["prompt_len"])] = float(row["tok_per_s"])
     return out
+
+
+def ember_profile(path: Path):
+    """The per-op decode profile `ember bench offline --latency` wrote to stderr."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith("decode step profile")), None)
+    return [] if start is None else lines[start:start + 8]
 
 
 def llama_bench(path: Path):
@@ -81,6 +92,8 @@ def main():
     ]
     machine = (results / "machine.txt").read_text().splitlines()
     print(f"Machine: {machine[2].split(':', 1)[-1].strip()}, {machine[1]} vCPUs; commit {machine[3][:12]}; {machine[4]}")
+    if len(machine) > 5:
+        print(f"Ember: {machine[5]}")
     print(f"Model: {params / 1e6:.0f}M parameters (Qwen2.5-0.5B shape); read bandwidth "
           + ", ".join(f"{bw[t]:.1f} GB/s with {t} thread(s)" for t in sorted(bw)) + "\n")
     print("### Batch 1\n")
@@ -127,6 +140,22 @@ def main():
         measured = by[(name, dtype)]["decode"]
         print(f"| {name} | {dtype} | {per_token / 1e9:.2f} GB | {ceiling:.1f} | {fmt(measured, 2)} | {fmt(100 * measured / ceiling if measured else None)} % |")
 
+    bf16 = by[("Ember", "bf16")]
+    if bf16["context"]:
+        print("\n### Long context (Ember bf16, batch-1 decode after a prompt of N tokens)\n")
+        print("| context | decode tok/s | ÷ context 128 |")
+        print("|---|---|---|")
+        base = bf16["context"].get(128)
+        for n, rate in sorted(bf16["context"].items()):
+            print(f"| {n} | {rate:.2f} | {fmt(ratio(rate, base), 2)} |")
+    for d in ("f32", "bf16"):
+        prof = ember_profile(results / f"ember-latency-{d}.log")
+        if prof:
+            print(f"\n### Where an Ember {d} decode step goes\n")
+            print("```")
+            print("\n".join(prof))
+            print("```")
+
     print("\n### Serving (`ember bench serve`, closed loop)\n")
     print("| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed |")
     print("|---|---|---|---|---|---|---|")
@@ -146,6 +175,13 @@ def main():
             continue
         other = serve[("llama", value)]
         print(f"| {value:.0f} | {fmt(ratio(run['output_throughput'], other['output_throughput']), 2)} | {fmt(ratio(run['ttft']['p50_ms'], other['ttft']['p50_ms']), 2)} |")
+    mem = results / "ember-serve-memory.csv"
+    if mem.exists():
+        m = dict(line.split(",", 1) for line in mem.read_text().split())
+        weights_mb = params * 2 / 1e6
+        print(f"\n`ember serve` answered /health 200 after {m['ready_ms']} ms; peak resident memory "
+              f"{int(m['vm_hwm_kib']) / 1024:.0f} MiB (bf16 weights {weights_mb:.0f} MB + KV budget "
+              f"{m['kv_cache_mib']} MiB).")
 
 
 if __name__ == "__main__":
