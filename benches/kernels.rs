@@ -1,14 +1,14 @@
 //! Fused kernels against their plain-candle references, at Qwen2.5-0.5B's widths (hidden 896,
 //! intermediate 4864): one decode token and a 128-token prefill chunk. `linear` runs on every
-//! instruction-set path this CPU supports; its throughput is reported in weight bytes per second
+//! instruction-set path this CPU supports (weights packed once, as models do); its throughput is reported in weight bytes per second
 //! (decode) so it reads against the memory bandwidth.
 //! Run: cargo bench --bench kernels
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ember_kernels::{
-    linear_ref, linear_with_isa, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
-    supported_isas,
+    linear_packed_with_isa, linear_ref, rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref,
+    supported_isas, PackedWeight,
 };
 
 fn randn(shape: (usize, usize), dtype: DType) -> Tensor {
@@ -24,6 +24,7 @@ fn linear_bench(c: &mut Criterion) {
     for (n, k) in [(9728usize, 896usize), (896, 4864)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = randn((n, k), dtype);
+            let packed = PackedWeight::new(&w).expect("pack");
             for m in [1usize, 128] {
                 let x = randn((m, k), dtype);
                 let bytes = (n * k * dtype.size_in_bytes()) as u64;
@@ -35,7 +36,7 @@ fn linear_bench(c: &mut Criterion) {
                 for isa in supported_isas() {
                     let id = format!("{dtype:?}/{n}x{k}/m{m}/{isa}");
                     group.bench_with_input(BenchmarkId::new("ember", &id), &x, |b, x| {
-                        b.iter(|| linear_with_isa(x, &w, None, isa).expect("linear"))
+                        b.iter(|| linear_packed_with_isa(x, &packed, None, isa).expect("linear"))
                     });
                 }
                 if dtype == DType::F32 {

@@ -5,7 +5,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 
-use crate::gemm::{Store, Widen};
+use crate::elem::{Store, Widen};
 
 struct WriteKv<'a> {
     slots: &'a [u32],

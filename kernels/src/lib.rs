@@ -2,10 +2,11 @@
 //! against; CPU implementations are always built, CUDA ones with feature `cuda`.
 
 mod attention;
-mod gemm;
+mod elem;
 mod isa;
 mod kv_write;
 mod linear;
+mod packed;
 mod paged_attention;
 pub mod profile;
 mod rms_norm;
@@ -17,7 +18,8 @@ pub use isa::{
     rerun_tests_on_other_isas, supported_isas, Isa,
 };
 pub use kv_write::write_kv;
-pub use linear::{linear, linear_bias, linear_ref, linear_with_isa};
+pub use linear::{linear, linear_packed, linear_packed_with_isa, linear_ref, linear_with_isa};
+pub use packed::PackedWeight;
 pub use paged_attention::{
     causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
 };

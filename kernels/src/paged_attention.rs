@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gemm::{Store, Widen};
+use crate::elem::{Store, Widen};
 use crate::{cpu_isa, Isa};
 
 /// One sequence's share of the step.
@@ -109,7 +109,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::RowOps;
-    use crate::gemm::{Load16, Load8};
+    use crate::elem::x86::{Load16, Load8};
 
     pub(super) struct Avx2Ops;
 
@@ -291,14 +291,20 @@ fn item_scalar<T: Widen>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch)
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn item_avx2<T: crate::gemm::Load8>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
+unsafe fn item_avx2<T: crate::elem::x86::Load8>(
+    s: Shape4,
+    it: Item,
+    k: &[T],
+    v: &[T],
+    w: &mut Scratch,
+) {
     // SAFETY: the features are enabled here; the caller checked the table.
     unsafe { item::<T, x86::Avx2Ops>(s, it, k, v, w) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn item_avx512<T: crate::gemm::Load16>(
+unsafe fn item_avx512<T: crate::elem::x86::Load16>(
     s: Shape4,
     it: Item,
     k: &[T],
@@ -310,7 +316,7 @@ unsafe fn item_avx512<T: crate::gemm::Load16>(
 }
 
 /// The item function for `isa` (the best the CPU supports at or below it).
-fn item_fn<T: crate::gemm::WeightType>(isa: Isa) -> ItemFn<T> {
+fn item_fn<T: crate::elem::ElemType>(isa: Isa) -> ItemFn<T> {
     #[cfg(target_arch = "x86_64")]
     {
         if isa >= Isa::Avx512 && Isa::Avx512.is_supported() {
@@ -366,7 +372,7 @@ impl PagedAttention<'_> {
         Ok(per_token)
     }
 
-    fn run<T: crate::gemm::WeightType, Q: Widen + Store>(
+    fn run<T: crate::elem::ElemType, Q: Widen + Store>(
         &self,
         q: &[Q],
         k: &[T],

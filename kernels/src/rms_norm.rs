@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::gemm::{Store, Widen};
+use crate::elem::{Store, Widen};
 
 const LANES: usize = 16;
 /// Rows per parallel task; a single row (decode) stays on the calling thread.

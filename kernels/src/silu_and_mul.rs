@@ -2,26 +2,27 @@
 //! shape (rows, d) in one pass, computing in f32 and rounding once (vLLM's `silu_and_mul`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use crate::elem::{Store, Widen};
 
 struct SiluAndMul;
 
 /// Rows per parallel task; a single row (decode) stays on the calling thread.
 const ROWS_PER_TASK: usize = 4;
 
-fn silu_mul_row<T: WithDType>(row: &[T], out: &mut [T]) {
+fn silu_mul_row<T: Widen + Store>(row: &[T], out: &mut [T]) {
     let (gate, up) = row.split_at(out.len());
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        let g = g.to_f64() as f32;
-        let u = u.to_f64() as f32;
-        *o = T::from_f64((g / (1.0 + (-g).exp()) * u) as f64);
+        let (g, u) = (g.widen(), u.widen());
+        *o = T::from_f32(g / (1.0 + (-g).exp()) * u);
     }
 }
 
-fn silu_mul_rows<T: WithDType>(x: &[T], d: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len() / 2];
+fn silu_mul_rows<T: Widen + Store>(x: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::from_f32(0.0); x.len() / 2];
     if out.len() <= d {
         silu_mul_row(x, &mut out);
         return out;

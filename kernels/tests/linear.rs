@@ -2,7 +2,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_abs;
-use ember_kernels::{linear, linear_bias, linear_ref, linear_with_isa, supported_isas};
+use ember_kernels::{cpu_isa, linear, linear_ref, linear_with_isa, supported_isas};
 
 fn randn(shape: (usize, usize)) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("random tensor")
@@ -57,7 +57,7 @@ fn default_path_and_bias_entry_points_agree() {
     let (x, w) = (randn((5, 48)), randn((19, 48)));
     let b = randn((1, 19)).flatten_all().unwrap();
     let plain = linear(&x, &w).unwrap();
-    let with_bias = linear_bias(&x, &w, Some(&b)).unwrap();
+    let with_bias = linear_with_isa(&x, &w, Some(&b), cpu_isa()).unwrap();
     let diff = max_abs(&((plain.broadcast_add(&b).unwrap()) - with_bias).unwrap());
     assert!(diff < 1e-5, "{diff}");
 }

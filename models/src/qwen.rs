@@ -83,8 +83,12 @@ impl QwenModel {
     /// Loads from a VarBuilder rooted at the checkpoint (names as in the HF checkpoint).
     pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let model = vb.pp("model");
-        let embed_tokens =
-            Embedding::load(&model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens = Embedding::load(
+            &model.pp("embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.tie_word_embeddings,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(cfg, i, model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -153,7 +157,7 @@ impl QwenModel {
         let x = self.norm.forward(&x)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x)?,
-            None => ember_kernels::linear(&x, self.embed_tokens.weight())?,
+            None => self.embed_tokens.lm_head(&x)?,
         };
         logits.to_dtype(DType::F32)
     }

@@ -1,26 +1,48 @@
-//! Token embedding table, also the lm_head when embeddings are tied.
+//! Token embedding table, also the lm_head when embeddings are tied (then, on CPU, it is kept
+//! only in the packed matmul layout and lookups gather rows from it: one copy of the largest
+//! matrix, not two).
+
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use ember_kernels::PackedWeight;
 
 #[derive(Debug, Clone)]
-pub struct Embedding {
-    weight: Tensor,
+pub enum Embedding {
+    Table(Tensor),
+    Packed(Arc<PackedWeight>),
 }
 
 impl Embedding {
-    pub fn load(vb: &VarBuilder, vocab_size: usize, hidden_size: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((vocab_size, hidden_size), "weight")?,
-        })
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `tied`: the table is also the lm_head.
+    pub fn load(
+        vb: &VarBuilder,
+        vocab_size: usize,
+        hidden_size: usize,
+        tied: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((vocab_size, hidden_size), "weight")?;
+        if tied && weight.device().is_cpu() {
+            Ok(Self::Packed(Arc::new(PackedWeight::new(&weight)?)))
+        } else {
+            Ok(Self::Table(weight))
+        }
     }
 
     /// `ids`: (tokens,) u32 -> (tokens, hidden).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.weight.index_select(ids, 0)
+        match self {
+            Self::Table(weight) => weight.index_select(ids, 0),
+            Self::Packed(weight) => weight.gather_rows(&ids.to_vec1::<u32>()?),
+        }
+    }
+
+    /// `x` (rows, hidden) times the table transposed: the tied lm_head.
+    pub fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Table(weight) => ember_kernels::linear(x, weight),
+            Self::Packed(weight) => ember_kernels::linear_packed(x, weight, None),
+        }
     }
 }

@@ -1,32 +1,63 @@
 //! Linear layers. One type for every projection so that quantized weights can slot in later
-//! as another variant without touching model code.
+//! as another variant without touching model code. On CPU the weight is packed once at load for
+//! Ember's matmul ([`ember_kernels::PackedWeight`]); elsewhere it stays a candle tensor.
 
-use candle_core::{Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use ember_kernels::PackedWeight;
 
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// `y = x W^T + b` with `W` of shape (out, in).
+    /// CPU: `y = x W^T + b` over a packed `W` (out, in), the bias kept in f32.
+    Packed {
+        weight: Arc<PackedWeight>,
+        bias: Option<Arc<[f32]>>,
+    },
+    /// Other devices: `y = x W^T + b` with `W` of shape (out, in).
     Dense {
         weight: Tensor,
         bias: Option<Tensor>,
     },
 }
 
+/// `<vb>.weight` (out, in) and, when `with_bias`, `<vb>.bias`.
+fn load_tensors(
+    vb: &VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    with_bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if with_bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
+}
+
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self::Dense { weight, bias }
+    /// Packs `weight` when it lives on the CPU.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if !weight.device().is_cpu() {
+            return Ok(Self::Dense { weight, bias });
+        }
+        let bias = match bias {
+            Some(b) => Some(Arc::from(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            None => None,
+        };
+        Ok(Self::Packed {
+            weight: Arc::new(PackedWeight::new(&weight)?),
+            bias,
+        })
     }
 
     /// Loads `<vb>.weight` (and `<vb>.bias` when `with_bias`).
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if with_bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self::new(weight, bias))
+        let (weight, bias) = load_tensors(vb, in_dim, out_dim, with_bias)?;
+        Self::new(weight, bias)
     }
 
     /// Loads several projections that read the same input and concatenates them along the
@@ -40,31 +71,16 @@ impl Linear {
         let parts = vbs
             .iter()
             .zip(out_dims)
-            .map(|(vb, &out)| Self::load(vb, in_dim, out, with_bias))
+            .map(|(vb, &out)| load_tensors(vb, in_dim, out, with_bias))
             .collect::<Result<Vec<_>>>()?;
-        let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
+        let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
         let weight = Tensor::cat(&weights, 0)?;
-        let bias = if with_bias {
-            let biases = parts
-                .iter()
-                .map(|p| match p {
-                    Self::Dense { bias, .. } => bias.as_ref(),
-                })
-                .collect::<Option<Vec<&Tensor>>>();
-            match biases {
-                Some(b) => Some(Tensor::cat(&b, 0)?),
-                None => None,
-            }
-        } else {
-            None
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
+        let bias = match biases {
+            Some(b) if with_bias => Some(Tensor::cat(&b, 0)?),
+            _ => None,
         };
-        Ok(Self::new(weight, bias))
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        match self {
-            Self::Dense { weight, .. } => weight,
-        }
+        Self::new(weight, bias)
     }
 }
 
@@ -72,7 +88,16 @@ impl Module for Linear {
     /// `x`: (tokens, in) -> (tokens, out).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense { weight, bias } => ember_kernels::linear_bias(x, weight, bias.as_ref()),
+            Self::Packed { weight, bias } => {
+                ember_kernels::linear_packed(x, weight, bias.as_deref())
+            }
+            Self::Dense { weight, bias } => {
+                let y = ember_kernels::linear_ref(x, weight)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 }

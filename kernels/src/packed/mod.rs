@@ -1,0 +1,371 @@
+//! Weights repacked at load for the CPU matmul, and `y = x · wᵀ` over them.
+//!
+//! Layout: the n rows of W (n × k) are cut into panels of 16 rows (n padded with zero rows).
+//! A panel is stored k-major, so one vector load gives the weights of 16 outputs for one step of
+//! k: f32 and f16 as `[k][16]`; bf16 as `[k / 2][16][2]`, the two weights of a k pair side by
+//! side in one 32-bit lane, which is what `vdpbf16ps` multiplies and what a shift (even k) or a
+//! mask (odd k) widens to f32 in one instruction. bf16 k is padded to even with zeros.
+//!
+//! The kernels are outer products: an accumulator vector holds 16 outputs of one row of x, and
+//! each step of k broadcasts x and adds x · w to every lane. So every output is one sequential
+//! sum over k in order (f32 FMAs; pairs of products on the `vdpbf16ps` path), whatever the
+//! number of rows, the tile or the thread: batch-invariant by construction, and no horizontal
+//! reductions. Paths may differ from each other in the last bits (the portable one does not fuse
+//! the multiply-add; `vdpbf16ps` adds two products at a time).
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::{DType, Device, Result, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::elem::{Store, Widen};
+use crate::Isa;
+
+/// Rows of W per panel (one AVX-512 vector of f32).
+pub(crate) const PANEL: usize = 16;
+/// Panels per parallel task.
+const PANELS_PER_TASK: usize = 4;
+
+/// A weight element type and its panel layout.
+pub(crate) trait PanelElem: Widen + Store + Default {
+    /// Whether k pairs share a 32-bit lane (bf16) or each k step is a row of 16 (f32, f16).
+    const PAIRED: bool;
+
+    /// Offset of (panel row `r`, column `c`) from the start of a panel.
+    #[inline(always)]
+    fn offset(r: usize, c: usize) -> usize {
+        if Self::PAIRED {
+            (c / 2) * 2 * PANEL + r * 2 + c % 2
+        } else {
+            c * PANEL + r
+        }
+    }
+
+    /// k rounded up to the layout's step.
+    fn padded_k(k: usize) -> usize {
+        if Self::PAIRED {
+            k + (k & 1)
+        } else {
+            k
+        }
+    }
+}
+
+impl PanelElem for f32 {
+    const PAIRED: bool = false;
+}
+
+impl PanelElem for f16 {
+    const PAIRED: bool = false;
+}
+
+impl PanelElem for bf16 {
+    const PAIRED: bool = true;
+}
+
+/// Packed elements of one dtype.
+#[derive(Debug, Clone)]
+enum Data {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A (n × k) weight matrix in the panel layout, ready for [`crate::linear_packed`].
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    data: Data,
+}
+
+fn pack<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
+    let kp = T::padded_k(k);
+    let panels = n.div_ceil(PANEL);
+    let mut out = vec![T::default(); panels * PANEL * kp];
+    out.par_chunks_mut(PANEL * kp)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for r in 0..PANEL.min(n - p * PANEL) {
+                let row = &w[(p * PANEL + r) * k..(p * PANEL + r + 1) * k];
+                for (c, &v) in row.iter().enumerate() {
+                    panel[T::offset(r, c)] = v;
+                }
+            }
+        });
+    out
+}
+
+impl PackedWeight {
+    /// Packs a (n, k) CPU tensor of f32, bf16 or f16.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let flat = w.to_device(&Device::Cpu)?.flatten_all()?;
+        let data = match w.dtype() {
+            DType::F32 => Data::F32(pack(&flat.to_vec1::<f32>()?, n, k)),
+            DType::BF16 => Data::Bf16(pack(&flat.to_vec1::<bf16>()?, n, k)),
+            DType::F16 => Data::F16(pack(&flat.to_vec1::<f16>()?, n, k)),
+            other => candle_core::bail!("packed weights: unsupported dtype {other:?}"),
+        };
+        Ok(Self { n, k, data })
+    }
+
+    /// Output rows (n).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width (k).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::Bf16(_) => DType::BF16,
+            Data::F16(_) => DType::F16,
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(v) => v.len() * 4,
+            Data::Bf16(v) => v.len() * 2,
+            Data::F16(v) => v.len() * 2,
+        }
+    }
+
+    /// Rows `ids` of W, (ids, k) in W's dtype: an embedding lookup on a tied lm_head.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        fn gather<T: PanelElem + candle_core::WithDType>(
+            data: &[T],
+            n: usize,
+            k: usize,
+            ids: &[u32],
+        ) -> Result<Tensor> {
+            let panel_len = PANEL * T::padded_k(k);
+            let mut out = Vec::with_capacity(ids.len() * k);
+            for &id in ids {
+                let id = id as usize;
+                if id >= n {
+                    candle_core::bail!("row {id} of a {n}-row matrix");
+                }
+                let panel = &data[id / PANEL * panel_len..][..panel_len];
+                out.extend((0..k).map(|c| panel[T::offset(id % PANEL, c)]));
+            }
+            Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
+        }
+        match &self.data {
+            Data::F32(d) => gather(d, self.n, self.k, ids),
+            Data::Bf16(d) => gather(d, self.n, self.k, ids),
+            Data::F16(d) => gather(d, self.n, self.k, ids),
+        }
+    }
+
+    /// `out` (m × n) = x (m × k) · Wᵀ + bias on the path `isa` allows; x in f32 or (for bf16
+    /// weights on the `vdpbf16ps` path) as given.
+    pub(crate) fn matmul<O: Store>(
+        &self,
+        isa: Isa,
+        x: Activations,
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [O],
+    ) {
+        let dims = Dims {
+            m,
+            n: self.n,
+            k: self.k,
+        };
+        match &self.data {
+            Data::F32(w) => run_f32(isa, &x.to_f32(), w, dims, bias, out),
+            Data::F16(w) => run_f32(isa, &x.to_f32(), w, dims, bias, out),
+            Data::Bf16(w) => {
+                #[cfg(target_arch = "x86_64")]
+                if let (Activations::Bf16(xb), true) = (&x, isa >= Isa::Avx512Bf16) {
+                    if let Some(kernel) = x86::Dpbf16::new() {
+                        return run(kernel, xb, w, dims, bias, out);
+                    }
+                }
+                run_f32(isa, &x.to_f32(), w, dims, bias, out)
+            }
+        }
+    }
+}
+
+/// The rows of x as the caller has them.
+pub(crate) enum Activations<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl Activations<'_> {
+    fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Activations::F32(x) => std::borrow::Cow::Borrowed(x),
+            Activations::Bf16(x) => x.iter().map(|v| v.widen()).collect(),
+            Activations::F16(x) => x.iter().map(|v| v.widen()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// One kernel family over panels. A value is only made where the CPU supports the family.
+pub(crate) trait Kernel: Copy + Send + Sync {
+    type X: Copy + Send + Sync;
+    type W: PanelElem;
+
+    /// Every row of x (m × k) against the panels in `w` (whole panels, k padded as the layout
+    /// says): `emit(i, r, values)` for row i of x and rows r.. of W (counted from the first
+    /// panel), a run of consecutive outputs.
+    fn task<F: FnMut(usize, usize, &[f32])>(
+        self,
+        x: &[Self::X],
+        m: usize,
+        w: &[Self::W],
+        k: usize,
+        emit: F,
+    );
+}
+
+/// The output buffer shared by the tasks; each task writes only its own columns.
+struct SharedOut<O>(*mut O);
+
+// SAFETY: tasks write disjoint elements (distinct columns) of a buffer that outlives them.
+unsafe impl<O: Send> Sync for SharedOut<O> {}
+
+/// What a weight type must offer every family of this architecture.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Weight: x86::PanelLoad {}
+#[cfg(target_arch = "x86_64")]
+impl<T: x86::PanelLoad> Weight for T {}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Weight: PanelElem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: PanelElem> Weight for T {}
+
+fn run_f32<W: Weight, O: Store>(
+    isa: Isa,
+    x: &[f32],
+    w: &[W],
+    dims: Dims,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa >= Isa::Avx512 {
+            if let Some(kernel) = x86::Avx512::<W>::new() {
+                return run(kernel, x, w, dims, bias, out);
+            }
+        }
+        if isa >= Isa::Avx2 {
+            if let Some(kernel) = x86::Avx2::<W>::new() {
+                return run(kernel, x, w, dims, bias, out);
+            }
+        }
+    }
+    let _ = isa;
+    run(scalar::Scalar::<W>::new(), x, w, dims, bias, out)
+}
+
+/// Splits the product into tasks of [`PANELS_PER_TASK`] panels on the rayon pool.
+fn run<K: Kernel, O: Store>(
+    kernel: K,
+    x: &[K::X],
+    w: &[K::W],
+    Dims { m, n, k }: Dims,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+) {
+    let panel_len = PANEL * K::W::padded_k(k);
+    assert!(x.len() >= m * k && out.len() >= m * n && w.len() >= n.div_ceil(PANEL) * panel_len);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for (i, o) in out[..m * n].iter_mut().enumerate() {
+            *o = O::from_f32(bias.map_or(0.0, |b| b[i % n]));
+        }
+        return;
+    }
+    let shared = SharedOut(out.as_mut_ptr());
+    let shared = &shared;
+    w[..n.div_ceil(PANEL) * panel_len]
+        .par_chunks(PANELS_PER_TASK * panel_len)
+        .enumerate()
+        .for_each(|(t, panels)| {
+            let r0 = t * PANELS_PER_TASK * PANEL;
+            kernel.task(&x[..m * k], m, panels, k, |i, r, values| {
+                let col = r0 + r;
+                if col >= n || i >= m {
+                    return;
+                }
+                let len = values.len().min(n - col);
+                // SAFETY: i < m and col + len <= n, so the run is inside `out` (checked above);
+                // only the task owning rows col..col+len of W writes those columns, so no two
+                // live slices overlap.
+                let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add(i * n + col), len) };
+                match bias {
+                    Some(b) => {
+                        for ((d, v), b) in dst.iter_mut().zip(values).zip(&b[col..col + len]) {
+                            *d = O::from_f32(v + b);
+                        }
+                    }
+                    None => {
+                        for (d, v) in dst.iter_mut().zip(values) {
+                            *d = O::from_f32(*v);
+                        }
+                    }
+                }
+            });
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_put_each_weight_once_and_gather_back() {
+        let (n, k) = (19, 7);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let packed = PackedWeight::new(&t.to_dtype(dtype).unwrap()).unwrap();
+            assert_eq!(
+                (packed.rows(), packed.cols(), packed.dtype()),
+                (n, k, dtype)
+            );
+            let ids: Vec<u32> = vec![18, 0, 5, 16];
+            let got = packed
+                .gather_rows(&ids)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (row, &id) in got.iter().zip(&ids) {
+                assert_eq!(
+                    row[..],
+                    w[id as usize * k..(id as usize + 1) * k],
+                    "{dtype:?}"
+                );
+            }
+            assert!(packed.gather_rows(&[19]).is_err());
+        }
+    }
+}
