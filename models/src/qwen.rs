@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 use crate::batch::{Batch, LogitsRows};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding, SparseMoe};
+use crate::layers::{
+    activation_dtype, Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding, SparseMoe,
+};
 
 #[derive(Debug, Clone)]
 enum FeedForward {
@@ -75,7 +77,10 @@ pub struct QwenModel {
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<Linear>,
     rotary: RotaryEmbedding,
+    /// The weights' dtype.
     dtype: DType,
+    /// The dtype activations are computed in (f32 on CPU).
+    activation_dtype: DType,
     device: Device,
 }
 
@@ -109,8 +114,9 @@ impl QwenModel {
             layers,
             norm,
             lm_head,
-            rotary: RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?,
+            rotary: RotaryEmbedding::new(cfg, activation_dtype(&vb), vb.device())?,
             dtype: vb.dtype(),
+            activation_dtype: activation_dtype(&vb),
             device: vb.device().clone(),
         })
     }
@@ -135,7 +141,10 @@ impl QwenModel {
     /// selects, in batch order.
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         // 1. Embed the new tokens and look up each one's rotary row.
-        let mut x = self.embed_tokens.forward(&batch.token_ids)?;
+        let mut x = self
+            .embed_tokens
+            .forward(&batch.token_ids)?
+            .to_dtype(self.activation_dtype)?;
         let rope = self.rotary.rows(&batch.positions)?;
         // 2. Decoder layers, pre-norm with residuals.
         for (i, layer) in self.layers.iter().enumerate() {

@@ -15,3 +15,17 @@ pub use mlp::Mlp;
 pub use moe::SparseMoe;
 pub use norm::RmsNorm;
 pub use rotary::RotaryEmbedding;
+
+use candle_core::DType;
+use candle_nn::VarBuilder;
+
+/// The dtype activations are computed in: f32 on CPU whatever the weights (half-precision
+/// weights are widened inside the matmul, so bf16 and f16 only halve the bytes read, as in
+/// llama.cpp), the weights' dtype elsewhere (candle's GPU kernels).
+pub fn activation_dtype(vb: &VarBuilder) -> DType {
+    if vb.device().is_cpu() {
+        DType::F32
+    } else {
+        vb.dtype()
+    }
+}

@@ -12,7 +12,9 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: vb
+                .get(dim, "weight")?
+                .to_dtype(super::activation_dtype(vb))?,
             eps,
         })
     }
