@@ -148,8 +148,10 @@ trap 'kill $EMBER_PID 2>/dev/null || true' EXIT
 wait_health http://127.0.0.1:8311
 READY_MS=$(( ($(date +%s%N) - START_NS) / 1000000 ))
 bench_serve ember http://127.0.0.1:8311
-# Start-up time to /health 200, and peak resident memory against weights + KV budget.
+# Start-up time to /health 200; resident memory after the runs (the c=16 run is the last) and
+# at its peak (loading included), against weights + KV budget.
 { echo "ready_ms,$READY_MS"; echo "kv_cache_mib,$SERVE_KV_MIB";
+  echo "vm_rss_kib,$(awk '/VmRSS/ {print $2}' /proc/$EMBER_PID/status)";
   echo "vm_hwm_kib,$(awk '/VmHWM/ {print $2}' /proc/$EMBER_PID/status)"; } > "$OUT/ember-serve-memory.csv"
 kill -TERM $EMBER_PID; wait $EMBER_PID || true
 

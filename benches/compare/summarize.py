@@ -179,9 +179,12 @@ def main():
     if mem.exists():
         m = dict(line.split(",", 1) for line in mem.read_text().split())
         weights_mb = params * 2 / 1e6
-        print(f"\n`ember serve` answered /health 200 after {m['ready_ms']} ms; peak resident memory "
-              f"{int(m['vm_hwm_kib']) / 1024:.0f} MiB (bf16 weights {weights_mb:.0f} MB + KV budget "
-              f"{m['kv_cache_mib']} MiB).")
+        rss = int(m["vm_rss_kib"]) / 1024 if "vm_rss_kib" in m else None
+        print(f"\n`ember serve` answered /health 200 after {m['ready_ms']} ms; resident memory after "
+              f"the concurrency-16 run {fmt(rss, 0)} MiB, peak (loading included) "
+              f"{int(m['vm_hwm_kib']) / 1024:.0f} MiB; bf16 weights {weights_mb / 1.048576:.0f} MiB "
+              f"+ KV budget {m['kv_cache_mib']} MiB + 300 MB = "
+              f"{weights_mb / 1.048576 + int(m['kv_cache_mib']) + 286:.0f} MiB.")
 
 
 if __name__ == "__main__":

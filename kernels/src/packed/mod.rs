@@ -17,7 +17,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -103,12 +103,17 @@ impl PackedWeight {
     /// Packs a (n, k) CPU tensor of f32, bf16 or f16.
     pub fn new(w: &Tensor) -> Result<Self> {
         let (n, k) = w.dims2()?;
-        let flat = w.to_device(&Device::Cpu)?.flatten_all()?;
-        let data = match w.dtype() {
-            DType::F32 => Data::F32(pack(&flat.to_vec1::<f32>()?, n, k)),
-            DType::BF16 => Data::Bf16(pack(&flat.to_vec1::<bf16>()?, n, k)),
-            DType::F16 => Data::F16(pack(&flat.to_vec1::<f16>()?, n, k)),
-            other => candle_core::bail!("packed weights: unsupported dtype {other:?}"),
+        let w = w.to_device(&Device::Cpu)?.contiguous()?;
+        // Read the tensor's storage in place: loading copies no weight more than it must.
+        let (storage, layout) = w.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed weights: the tensor is not contiguous");
+        };
+        let data = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Data::F32(pack(&v[start..end], n, k)),
+            Storage::Cpu(CpuStorage::BF16(v)) => Data::Bf16(pack(&v[start..end], n, k)),
+            Storage::Cpu(CpuStorage::F16(v)) => Data::F16(pack(&v[start..end], n, k)),
+            _ => candle_core::bail!("packed weights: unsupported dtype {:?}", w.dtype()),
         };
         Ok(Self { n, k, data })
     }

@@ -70,6 +70,32 @@ impl SparseMoe {
     }
 }
 
+impl SparseMoe {
+    /// CPU, f32 activations: each selected expert runs on its own tokens only (its weights are
+    /// the only ones read), and its weighted rows are added into one f32 buffer in place, in
+    /// expert order (so a token's sum does not depend on the batch).
+    fn experts_in_place(&self, x: &Tensor, routes: Vec<(Vec<u32>, Vec<f32>)>) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let mut acc = vec![0f32; tokens * hidden];
+        for (expert, (rows, weights)) in self.experts.iter().zip(routes) {
+            if rows.is_empty() {
+                continue;
+            }
+            let n = rows.len();
+            let idx = Tensor::from_vec(rows.clone(), n, x.device())?;
+            let y = expert.forward(&x.index_select(&idx, 0)?)?;
+            let y = y.flatten_all()?.to_vec1::<f32>()?;
+            for ((&t, &w), yr) in rows.iter().zip(&weights).zip(y.chunks_exact(hidden)) {
+                let dst = &mut acc[t as usize * hidden..(t as usize + 1) * hidden];
+                for (d, v) in dst.iter_mut().zip(yr) {
+                    *d += v * w;
+                }
+            }
+        }
+        Tensor::from_vec(acc, (tokens, hidden), x.device())
+    }
+}
+
 impl Module for SparseMoe {
     /// `x`: (tokens, hidden) -> (tokens, hidden).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -77,19 +103,25 @@ impl Module for SparseMoe {
         let probs =
             candle_nn::ops::softmax_last_dim(&self.router.forward(x)?.to_dtype(DType::F32)?)?
                 .to_vec2::<f32>()?;
-        let mut out = x.zeros_like()?;
-        for (expert, (tokens, weights)) in self.experts.iter().zip(self.route(&probs)) {
-            if tokens.is_empty() {
-                continue;
+        let routes = self.route(&probs);
+        let mut out = if x.device().is_cpu() && dtype == DType::F32 {
+            self.experts_in_place(x, routes)?
+        } else {
+            let mut out = x.zeros_like()?;
+            for (expert, (tokens, weights)) in self.experts.iter().zip(routes) {
+                if tokens.is_empty() {
+                    continue;
+                }
+                let n = tokens.len();
+                let idx = Tensor::from_vec(tokens, n, x.device())?;
+                let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(dtype)?;
+                let y = expert
+                    .forward(&x.index_select(&idx, 0)?)?
+                    .broadcast_mul(&w)?;
+                out = out.index_add(&idx, &y, 0)?;
             }
-            let n = tokens.len();
-            let idx = Tensor::from_vec(tokens, n, x.device())?;
-            let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(dtype)?;
-            let y = expert
-                .forward(&x.index_select(&idx, 0)?)?
-                .broadcast_mul(&w)?;
-            out = out.index_add(&idx, &y, 0)?;
-        }
+            out
+        };
         if let Some(shared) = &self.shared {
             let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;
             out = (out + shared.mlp.forward(x)?.broadcast_mul(&gate)?)?;
