@@ -3,7 +3,8 @@
 //! `reshape_and_cache`). No gathered copy of the cache is ever made.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
+use half::{bf16, f16};
 
 use crate::elem::{Store, Widen};
 
@@ -92,10 +93,41 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32]) -> Result<()> {
     cache.scatter_set(&index, &src.to_dtype(cache.dtype())?, 0)
 }
 
+/// A zero-filled CPU tensor whose pages the OS maps only when first written (the allocation
+/// asks for zeroed memory instead of writing zeros), so a large KV cache costs no start-up time
+/// and only the memory its sequences use. Other devices: `Tensor::zeros`.
+pub fn zeros_lazy(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    let n = shape.0 * shape.1;
+    if !device.is_cpu() {
+        return Tensor::zeros(shape, dtype, device);
+    }
+    match dtype {
+        DType::F32 => Tensor::from_vec(vec![0f32; n], shape, device),
+        DType::BF16 => Tensor::from_vec(halves_zeroed::<bf16>(n), shape, device),
+        DType::F16 => Tensor::from_vec(halves_zeroed::<f16>(n), shape, device),
+        other => Tensor::zeros(shape, other, device),
+    }
+}
+
+/// `n` zeros of a 16-bit float type from a zeroed allocation of u16 (which the allocator can
+/// hand out as untouched pages).
+fn halves_zeroed<T: HalfBits>(n: usize) -> Vec<T> {
+    let raw = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    let (ptr, len, cap) = (raw.as_ptr() as *mut u16, raw.len(), raw.capacity());
+    // SAFETY: T is a #[repr(transparent)] wrapper of u16 (same size and alignment, every bit
+    // pattern valid, all-zero bits = +0.0); the allocation is handed over whole, with its length
+    // and capacity, from a Vec<u16> that will not free it (ManuallyDrop).
+    unsafe { Vec::from_raw_parts(ptr as *mut T, len, cap) }
+}
+
+/// 16-bit floats that are `#[repr(transparent)]` over u16.
+trait HalfBits {}
+impl HalfBits for bf16 {}
+impl HalfBits for f16 {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
 
     #[test]
     fn rows_land_in_their_slots_converted() {
@@ -115,5 +147,18 @@ mod tests {
         }
         assert!(write_kv(&cache, &src, &[6, 0]).is_err());
         assert!(write_kv(&cache, &src, &[0]).is_err());
+    }
+
+    #[test]
+    fn lazy_zeros_are_zeros() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let t = zeros_lazy((5, 7), dtype, &Device::Cpu).unwrap();
+            assert_eq!((t.dims2().unwrap(), t.dtype()), ((5, 7), dtype));
+            let v = t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            assert!(v
+                .iter()
+                .flatten()
+                .all(|&x| x == 0.0 && x.is_sign_positive()));
+        }
     }
 }

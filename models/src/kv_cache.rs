@@ -164,8 +164,8 @@ impl PagedKvCache {
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros((num_blocks * block_size, width), dtype, device)?,
-                    Tensor::zeros((num_blocks * block_size, width), dtype, device)?,
+                    ember_kernels::zeros_lazy((num_blocks * block_size, width), dtype, device)?,
+                    ember_kernels::zeros_lazy((num_blocks * block_size, width), dtype, device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::batch::{Batch, LogitsRows};
 use crate::config::ModelConfig;
@@ -94,7 +95,9 @@ impl QwenModel {
             cfg.hidden_size,
             cfg.tie_word_embeddings,
         )?;
+        // Layers load in parallel: copying and packing weights is most of the start-up time.
         let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
             .map(|i| DecoderLayer::load(cfg, i, model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;

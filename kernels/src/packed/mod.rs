@@ -89,10 +89,12 @@ fn pack<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
     out.par_chunks_mut(PANEL * kp)
         .enumerate()
         .for_each(|(p, panel)| {
-            for r in 0..PANEL.min(n - p * PANEL) {
-                let row = &w[(p * PANEL + r) * k..(p * PANEL + r + 1) * k];
-                for (c, &v) in row.iter().enumerate() {
-                    panel[T::offset(r, c)] = v;
+            // Column by column, so the panel is written in order while 16 rows are read.
+            let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
+            let num_rows = rows.len() / k;
+            for c in 0..k {
+                for r in 0..num_rows {
+                    panel[T::offset(r, c)] = rows[r * k + c];
                 }
             }
         });
