@@ -146,6 +146,18 @@ fn print_profile(r: &ember::bench::LatencyResult, isa: ember_kernels::Isa) {
         "other",
         100.0 * other / step
     );
+    for (len, rate, per_token) in &r.long_context {
+        let step = 1e3 / rate.max(1e-9);
+        let classes: Vec<String> = per_token
+            .iter()
+            .filter(|(_, t)| !t.is_zero())
+            .map(|(c, t)| format!("{} {:.2}", c.name(), t.as_secs_f64() * 1e3))
+            .collect();
+        eprintln!(
+            "decode after {len} tokens: {step:.2} ms/token ({} ms)",
+            classes.join(", ")
+        );
+    }
 }
 
 /// Parses --device and --dtype and loads the model they name.
@@ -253,7 +265,7 @@ fn bench_offline(args: OfflineArgs) -> Result<()> {
             println!("prefill,{len},{len},{rate:.2}");
         }
         println!("decode,16,{},{:.2}", r.decode_tokens, r.decode_tokens_per_s);
-        for (len, rate) in &r.long_context {
+        for (len, rate, _) in &r.long_context {
             println!("decode,{len},{},{rate:.2}", args.output_len.max(2));
         }
         print_profile(&r, ember_kernels::cpu_isa());

@@ -51,7 +51,9 @@ def ember_profile(path: Path):
         return []
     lines = path.read_text().splitlines()
     start = next((i for i, l in enumerate(lines) if l.startswith("decode step profile")), None)
-    return [] if start is None else lines[start:start + 8]
+    if start is None:
+        return []
+    return lines[start:start + 8] + [l for l in lines[start + 8:] if l.startswith("decode after")]
 
 
 def llama_bench(path: Path):

@@ -100,6 +100,12 @@ trait RowOps<T> {
             }
         }
     }
+    /// Asks for the `bytes` at `p` ahead of use (cache rows are scattered over blocks, which
+    /// defeats the hardware prefetcher at every block boundary). A hint only.
+    #[inline(always)]
+    fn prefetch(p: *const u8, bytes: usize) {
+        let _ = (p, bytes);
+    }
     /// `x[i] = exp(x[i] - max)` in place; returns the sum, accumulated in the path's fixed order.
     ///
     /// # Safety
@@ -278,9 +284,57 @@ mod x86 {
         }
     }
 
+    /// `HN` heads' weighted sums over the value rows, 64 dimensions at a time (d % 64 == 0):
+    /// `heads[h] = (p row, out row)`; each output accumulates over j in order (fma).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are enabled; p rows hold ctx values, out rows d, value rows d.
+    #[inline(always)]
+    unsafe fn ws_tile<T: Load16, F: Fn(usize) -> *const T, const HN: usize>(
+        heads: [(*const f32, *mut f32); HN],
+        ctx: usize,
+        d: usize,
+        row: &F,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            for c0 in (0..d).step_by(64) {
+                let mut acc = [[_mm512_setzero_ps(); 4]; HN];
+                for j in 0..ctx {
+                    let vr = row(j).add(c0);
+                    let vv = [
+                        T::load16(vr),
+                        T::load16(vr.add(16)),
+                        T::load16(vr.add(32)),
+                        T::load16(vr.add(48)),
+                    ];
+                    for (a, &(p, _)) in acc.iter_mut().zip(&heads) {
+                        let pb = _mm512_set1_ps(*p.add(j));
+                        for (ax, &vx) in a.iter_mut().zip(&vv) {
+                            *ax = _mm512_fmadd_ps(pb, vx, *ax);
+                        }
+                    }
+                }
+                for (a, &(_, o)) in acc.iter().zip(&heads) {
+                    for (x, &ax) in a.iter().enumerate() {
+                        _mm512_storeu_ps(o.add(c0 + 16 * x), ax);
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) struct Avx2Ops;
 
     impl<T: Load8> RowOps<T> for Avx2Ops {
+        #[inline(always)]
+        fn prefetch(p: *const u8, bytes: usize) {
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch never faults; `wrapping_add` keeps the address defined.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+            }
+        }
+
         #[inline(always)]
         unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32 {
             let full = d / 8 * 8;
@@ -354,6 +408,14 @@ mod x86 {
 
     impl<T: Load16> RowOps<T> for Avx512Ops {
         #[inline(always)]
+        fn prefetch(p: *const u8, bytes: usize) {
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch never faults; `wrapping_add` keeps the address defined.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+            }
+        }
+
+        #[inline(always)]
         unsafe fn dot(q: *const f32, k: *const T, d: usize) -> f32 {
             let full = d / 16 * 16;
             // SAFETY: AVX-512 F/BW/VL are enabled in every caller; full loads stay below d and
@@ -389,6 +451,38 @@ mod x86 {
             // SAFETY: AVX-512 F/BW/VL are enabled in every caller; loads stay below d (partial
             // vectors through masks); `out` has room for every head.
             unsafe {
+                if d.is_multiple_of(64) {
+                    // Head dims of 64, 128, ...: whole vectors, no masks; the same products
+                    // in the same order as below.
+                    let mut h0 = 0;
+                    while h0 < group {
+                        let heads = (group - h0).min(16);
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        for c0 in (0..d).step_by(64) {
+                            let kv = [
+                                T::load16(k.add(c0)),
+                                T::load16(k.add(c0 + 16)),
+                                T::load16(k.add(c0 + 32)),
+                                T::load16(k.add(c0 + 48)),
+                            ];
+                            for h in 0..heads {
+                                let qh = q.add((h0 + h) * d + c0);
+                                let slot = (h % 4) * 4 + h / 4;
+                                let mut acc = v[slot];
+                                for (x, &kx) in kv.iter().enumerate() {
+                                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(16 * x)), kx, acc);
+                                }
+                                v[slot] = acc;
+                            }
+                        }
+                        let sums = reduce16(&v);
+                        for (h, &sum) in sums.iter().enumerate().take(heads) {
+                            *out.add((h0 + h) * stride) = sum * scale;
+                        }
+                        h0 += 16;
+                    }
+                    return;
+                }
                 let mut h0 = 0;
                 while h0 < group {
                     let heads = (group - h0).min(16);
@@ -441,6 +535,19 @@ mod x86 {
             // SAFETY: AVX-512 F/BW/VL are enabled in every caller; value loads and output
             // stores stay below d (partial vectors through masks), p reads stay below ctx.
             unsafe {
+                if d.is_multiple_of(64) {
+                    // Head dims of 64, 128, ...: whole vectors, no masks, fixed-size tiles.
+                    for h0 in (0..group).step_by(4) {
+                        let at = |hh: usize| (p.add((h0 + hh) * stride), out.add((h0 + hh) * d));
+                        match group - h0 {
+                            1 => ws_tile::<T, F, 1>([at(0)], ctx, d, &row),
+                            2 => ws_tile::<T, F, 2>([at(0), at(1)], ctx, d, &row),
+                            3 => ws_tile::<T, F, 3>([at(0), at(1), at(2)], ctx, d, &row),
+                            _ => ws_tile::<T, F, 4>([at(0), at(1), at(2), at(3)], ctx, d, &row),
+                        }
+                    }
+                    return;
+                }
                 for h0 in (0..group).step_by(4) {
                     let hn = (group - h0).min(4);
                     for c0 in (0..d).step_by(64) {
@@ -541,6 +648,8 @@ struct Scratch {
     sums: Vec<f32>,
     /// The item's output heads in f32 (group × d).
     out: Vec<f32>,
+    /// Offset of each context position's row (this kv head) in the cache.
+    rows: Vec<usize>,
 }
 
 /// One work item: query heads `g·group .. (g+1)·group` of the token at position `pos`.
@@ -561,7 +670,14 @@ unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: 
     let (d, group, bs) = (s.head_dim, s.heads / s.kv_heads, s.block_size);
     let ctx = it.pos + 1;
     let width = s.kv_heads * d;
-    let row = |j: usize| (it.table[j / bs] as usize * bs + j % bs) * width + it.g * d;
+    // Row offsets block by block (no division per key).
+    w.rows.clear();
+    for (b, &block) in it.table.iter().enumerate().take(ctx.div_ceil(bs)) {
+        let base = block as usize * bs * width + it.g * d;
+        let n = bs.min(ctx - b * bs);
+        w.rows.extend((0..n).map(|o| base + o * width));
+    }
+    let rows = &w.rows;
     w.scores.clear();
     w.scores.resize(group * ctx, 0.0);
     w.sums.clear();
@@ -569,12 +685,18 @@ unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: 
     w.out.clear();
     w.out.resize(group * d, 0.0);
     let (q, scores, out) = (&w.q, &mut w.scores, &mut w.out);
-    // SAFETY (whole body): rows come from `row`, inside k and v as the caller checked; q and
+    // SAFETY (whole body): row offsets come from the table, inside k and v as the caller
+    // checked (one per position below ctx); q and
     // out hold group × d values and scores group × ctx.
     unsafe {
         // 1. Scores, key by key; every head of the group reads the key row once loaded.
+        let row_bytes = d * std::mem::size_of::<T>();
         for j in 0..ctx {
-            let kr = k.as_ptr().add(row(j));
+            if j + AHEAD < ctx {
+                let next = k.as_ptr().add(*rows.get_unchecked(j + AHEAD));
+                R::prefetch(next as *const u8, row_bytes);
+            }
+            let kr = k.as_ptr().add(*rows.get_unchecked(j));
             R::scores(
                 q.as_ptr(),
                 kr,
@@ -599,7 +721,13 @@ unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: 
             group,
             ctx,
             d,
-            |j| vp.add(row(j)),
+            |j| {
+                if j + AHEAD < ctx {
+                    let next = vp.add(*rows.get_unchecked(j + AHEAD));
+                    R::prefetch(next as *const u8, row_bytes);
+                }
+                vp.add(*rows.get_unchecked(j))
+            },
             out.as_mut_ptr(),
         );
         for (h, sum) in w.sums.iter().enumerate() {
@@ -609,6 +737,9 @@ unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: 
         }
     }
 }
+
+/// How many keys (values) ahead of use their rows are prefetched.
+const AHEAD: usize = 8;
 
 /// `item` compiled for one path.
 type ItemFn<T> = unsafe fn(Shape4, Item, &[T], &[T], &mut Scratch);

@@ -113,8 +113,9 @@ pub struct LatencyResult {
     /// Where the decode steps' time went, per op class, per token (what no class claims is
     /// the rest of the step: the engine, candle's small ops, copies).
     pub decode_profile: Vec<(OpClass, Duration)>,
-    /// (context length, decode tokens/s after a prompt of that length)
-    pub long_context: Vec<(usize, f64)>,
+    /// (context length, decode tokens/s after a prompt of that length, its op profile per
+    /// token)
+    pub long_context: Vec<(usize, f64, Vec<(OpClass, Duration)>)>,
 }
 
 /// One request at a time: each prefill length with max_tokens 1 (time to the first token),
@@ -170,18 +171,25 @@ pub fn run_latency(
         let (_, ttft, _) = one(prompt(len), 1)?;
         prefill.push((len, len as f64 / ttft.as_secs_f64().max(1e-9)));
     }
-    profile::set_enabled(true);
-    let decode = one(prompt(16), output_len.max(2));
-    profile::set_enabled(false);
-    let decode = decode?;
-    let steps = decode.0.saturating_sub(1).max(1) as u32;
-    let decode_profile = profile::snapshot()
-        .into_iter()
-        .map(|(class, total)| (class, total / steps))
-        .collect();
+    // Decode runs count op time from their first token on (`one` resets the counters then).
+    let profiled =
+        |prompt: Vec<u32>| -> Result<((usize, Duration, Duration), Vec<(OpClass, Duration)>)> {
+            profile::set_enabled(true);
+            let run = one(prompt, output_len.max(2));
+            profile::set_enabled(false);
+            let run = run?;
+            let steps = run.0.saturating_sub(1).max(1) as u32;
+            let per_token = profile::snapshot()
+                .into_iter()
+                .map(|(class, total)| (class, total / steps))
+                .collect();
+            Ok((run, per_token))
+        };
+    let (decode, decode_profile) = profiled(prompt(16))?;
     let mut long_context = Vec::new();
     for &len in context_lens {
-        long_context.push((len, decode_rate(one(prompt(len), output_len.max(2))?)));
+        let (run, per_token) = profiled(prompt(len))?;
+        long_context.push((len, decode_rate(run), per_token));
     }
     Ok(LatencyResult {
         prefill,
