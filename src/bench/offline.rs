@@ -103,6 +103,9 @@ pub fn run_offline(
     })
 }
 
+/// Time per token by op class.
+pub type OpProfile = Vec<(OpClass, Duration)>;
+
 /// Batch-1 speed: prompt tokens per second of a prefill, and decode tokens per second.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatencyResult {
@@ -112,10 +115,10 @@ pub struct LatencyResult {
     pub decode_tokens_per_s: f64,
     /// Where the decode steps' time went, per op class, per token (what no class claims is
     /// the rest of the step: the engine, candle's small ops, copies).
-    pub decode_profile: Vec<(OpClass, Duration)>,
+    pub decode_profile: OpProfile,
     /// (context length, decode tokens/s after a prompt of that length, its op profile per
     /// token)
-    pub long_context: Vec<(usize, f64, Vec<(OpClass, Duration)>)>,
+    pub long_context: Vec<(usize, f64, OpProfile)>,
 }
 
 /// One request at a time: each prefill length with max_tokens 1 (time to the first token),
@@ -172,19 +175,18 @@ pub fn run_latency(
         prefill.push((len, len as f64 / ttft.as_secs_f64().max(1e-9)));
     }
     // Decode runs count op time from their first token on (`one` resets the counters then).
-    let profiled =
-        |prompt: Vec<u32>| -> Result<((usize, Duration, Duration), Vec<(OpClass, Duration)>)> {
-            profile::set_enabled(true);
-            let run = one(prompt, output_len.max(2));
-            profile::set_enabled(false);
-            let run = run?;
-            let steps = run.0.saturating_sub(1).max(1) as u32;
-            let per_token = profile::snapshot()
-                .into_iter()
-                .map(|(class, total)| (class, total / steps))
-                .collect();
-            Ok((run, per_token))
-        };
+    let profiled = |prompt: Vec<u32>| -> Result<((usize, Duration, Duration), OpProfile)> {
+        profile::set_enabled(true);
+        let run = one(prompt, output_len.max(2));
+        profile::set_enabled(false);
+        let run = run?;
+        let steps = run.0.saturating_sub(1).max(1) as u32;
+        let per_token = profile::snapshot()
+            .into_iter()
+            .map(|(class, total)| (class, total / steps))
+            .collect();
+        Ok((run, per_token))
+    };
     let (decode, decode_profile) = profiled(prompt(16))?;
     let mut long_context = Vec::new();
     for &len in context_lens {
