@@ -28,8 +28,19 @@ impl OfflineResult {
     }
 }
 
-fn wait(mut stream: RequestStream, start: Instant) -> Result<(usize, Duration)> {
+fn wait(stream: RequestStream, start: Instant) -> Result<(usize, Duration)> {
+    wait_then(stream, start, || {})
+}
+
+/// Reads a request's events to the end: (tokens, time to the first); `on_first` runs when the
+/// first token arrives.
+fn wait_then(
+    mut stream: RequestStream,
+    start: Instant,
+    on_first: impl FnOnce(),
+) -> Result<(usize, Duration)> {
     let (mut tokens, mut ttft) = (0, None);
+    let mut on_first = Some(on_first);
     loop {
         match stream
             .blocking_recv()
@@ -37,6 +48,9 @@ fn wait(mut stream: RequestStream, start: Instant) -> Result<(usize, Duration)> 
         {
             EngineEvent::Token { .. } => {
                 tokens += 1;
+                if let Some(f) = on_first.take() {
+                    f();
+                }
                 ttft.get_or_insert_with(|| start.elapsed());
             }
             EngineEvent::Finished { .. } => return Ok((tokens, ttft.unwrap_or_default())),
@@ -143,26 +157,9 @@ pub fn run_latency(
         let mut r = ValidRequest::greedy(prompt, max_tokens);
         r.ignore_eos = true;
         let start = Instant::now();
-        let mut stream = handle.submit(r).map_err(|e| anyhow!("{e}"))?;
-        let (mut tokens, mut ttft) = (0, None);
-        loop {
-            match stream
-                .blocking_recv()
-                .ok_or_else(|| anyhow!("the engine stopped"))?
-            {
-                EngineEvent::Token { .. } => {
-                    tokens += 1;
-                    ttft.get_or_insert_with(|| {
-                        profile::reset();
-                        start.elapsed()
-                    });
-                }
-                EngineEvent::Finished { .. } => {
-                    return Ok((tokens, ttft.unwrap_or_default(), start.elapsed()))
-                }
-                _ => {}
-            }
-        }
+        let stream = handle.submit(r).map_err(|e| anyhow!("{e}"))?;
+        let (tokens, ttft) = wait_then(stream, start, profile::reset)?;
+        Ok((tokens, ttft, start.elapsed()))
     };
     let decode_rate = |(tokens, ttft, total): (usize, Duration, Duration)| {
         tokens.saturating_sub(1) as f64 / (total - ttft).as_secs_f64().max(1e-9)
