@@ -1,7 +1,16 @@
 //! Element types of the CPU kernels: widening to f32 and rounding back, and the vector loads
 //! that widen 8 (AVX2) or 16 (AVX-512) of them at once.
 
+use candle_core::{Layout, Result};
 use half::{bf16, f16};
+
+/// The part of a CPU storage a contiguous layout covers; an error naming `op` otherwise.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
 
 /// An element type that widens to f32 exactly.
 pub(crate) trait Widen: Copy + Send + Sync + 'static {

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
 use half::{bf16, f16};
 
-use crate::elem::{Store, Widen};
+use crate::elem::{contiguous, Store, Widen};
 
 struct WriteKv<'a> {
     slots: &'a [u32],
@@ -24,19 +24,12 @@ fn rows_into<S: Widen, D: Store>(dst: &mut [D], src: &[S], slots: &[u32], width:
 macro_rules! from_src {
     ($dst:expr, $src:expr, $sl:expr, $slots:expr, $width:expr) => {
         match $src {
-            CpuStorage::F32(s) => rows_into($dst, contiguous(s, $sl)?, $slots, $width),
-            CpuStorage::BF16(s) => rows_into($dst, contiguous(s, $sl)?, $slots, $width),
-            CpuStorage::F16(s) => rows_into($dst, contiguous(s, $sl)?, $slots, $width),
+            CpuStorage::F32(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
+            CpuStorage::BF16(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
+            CpuStorage::F16(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
             other => candle_core::bail!("write_kv: unsupported source dtype {:?}", other.dtype()),
         }
     };
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("write_kv: operands must be contiguous"),
-    }
 }
 
 impl InplaceOp2 for WriteKv<'_> {

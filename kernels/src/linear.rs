@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::elem::Store;
+use crate::elem::{contiguous, Store};
 use crate::packed::{Activations, PackedWeight};
 use crate::{cpu_isa, Isa};
 
@@ -17,13 +17,6 @@ struct LinearPacked<'a> {
     w: &'a PackedWeight,
     bias: Option<&'a [f32]>,
     isa: Isa,
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("linear: x must be contiguous"),
-    }
 }
 
 impl LinearPacked<'_> {
@@ -52,13 +45,13 @@ impl CustomOp1 for LinearPacked<'_> {
         }
         let out = match xs {
             CpuStorage::F32(x) => {
-                CpuStorage::F32(self.run::<f32>(Activations::F32(contiguous(x, xl)?), m))
+                CpuStorage::F32(self.run::<f32>(Activations::F32(contiguous(x, xl, "linear")?), m))
             }
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(self.run::<bf16>(Activations::Bf16(contiguous(x, xl)?), m))
-            }
+            CpuStorage::BF16(x) => CpuStorage::BF16(
+                self.run::<bf16>(Activations::Bf16(contiguous(x, xl, "linear")?), m),
+            ),
             CpuStorage::F16(x) => {
-                CpuStorage::F16(self.run::<f16>(Activations::F16(contiguous(x, xl)?), m))
+                CpuStorage::F16(self.run::<f16>(Activations::F16(contiguous(x, xl, "linear")?), m))
             }
             other => candle_core::bail!("linear: unsupported dtype {:?}", other.dtype()),
         };

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::elem::{Store, Widen};
+use crate::elem::{contiguous, Store, Widen};
 
 const LANES: usize = 16;
 /// Rows per parallel task; a single row (decode) stays on the calling thread.
@@ -67,13 +67,6 @@ fn norm_rows<T: Widen + Store>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     out
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("rms_norm: operands must be contiguous"),
-    }
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "ember-rms-norm"
@@ -92,15 +85,21 @@ impl CustomOp2 for RmsNorm {
         }
         let eps = self.eps;
         let out = match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(norm_rows::<f32>(slice(x, xl)?, slice(w, wl)?, eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                CpuStorage::BF16(norm_rows::<bf16>(slice(x, xl)?, slice(w, wl)?, eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                CpuStorage::F16(norm_rows::<f16>(slice(x, xl)?, slice(w, wl)?, eps))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(norm_rows::<f32>(
+                contiguous(x, xl, "rms_norm")?,
+                contiguous(w, wl, "rms_norm")?,
+                eps,
+            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => CpuStorage::BF16(norm_rows::<bf16>(
+                contiguous(x, xl, "rms_norm")?,
+                contiguous(w, wl, "rms_norm")?,
+                eps,
+            )),
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => CpuStorage::F16(norm_rows::<f16>(
+                contiguous(x, xl, "rms_norm")?,
+                contiguous(w, wl, "rms_norm")?,
+                eps,
+            )),
             _ => candle_core::bail!(
                 "rms_norm: unsupported dtypes {:?} x {:?}",
                 xs.dtype(),

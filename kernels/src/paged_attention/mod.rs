@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{Store, Widen};
+use crate::elem::{contiguous, Store, Widen};
 use crate::{cpu_isa, Isa};
 
 /// One sequence's share of the step.
@@ -405,13 +405,6 @@ impl PagedAttention<'_> {
     }
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("paged_attention: operands must be contiguous"),
-    }
-}
-
 impl CustomOp3 for PagedAttention<'_> {
     fn name(&self) -> &'static str {
         "ember-paged-attention"
@@ -449,15 +442,24 @@ impl CustomOp3 for PagedAttention<'_> {
         macro_rules! with_cache {
             ($q:expr, $wrap:path) => {
                 match (ks, vs) {
-                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
-                    }
-                    (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
-                    }
-                    (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                        $wrap(self.run($q, slice(k, kl)?, slice(v, vl)?, &plan))
-                    }
+                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => $wrap(self.run(
+                        $q,
+                        contiguous(k, kl, "paged_attention")?,
+                        contiguous(v, vl, "paged_attention")?,
+                        &plan,
+                    )),
+                    (CpuStorage::F16(k), CpuStorage::F16(v)) => $wrap(self.run(
+                        $q,
+                        contiguous(k, kl, "paged_attention")?,
+                        contiguous(v, vl, "paged_attention")?,
+                        &plan,
+                    )),
+                    (CpuStorage::F32(k), CpuStorage::F32(v)) => $wrap(self.run(
+                        $q,
+                        contiguous(k, kl, "paged_attention")?,
+                        contiguous(v, vl, "paged_attention")?,
+                        &plan,
+                    )),
                     _ => candle_core::bail!(
                         "paged_attention: unsupported cache dtypes {:?} / {:?}",
                         ks.dtype(),
@@ -467,9 +469,15 @@ impl CustomOp3 for PagedAttention<'_> {
             };
         }
         let out = match qs {
-            CpuStorage::F32(q) => with_cache!(slice(q, ql)?, CpuStorage::F32),
-            CpuStorage::BF16(q) => with_cache!(slice(q, ql)?, CpuStorage::BF16),
-            CpuStorage::F16(q) => with_cache!(slice(q, ql)?, CpuStorage::F16),
+            CpuStorage::F32(q) => {
+                with_cache!(contiguous(q, ql, "paged_attention")?, CpuStorage::F32)
+            }
+            CpuStorage::BF16(q) => {
+                with_cache!(contiguous(q, ql, "paged_attention")?, CpuStorage::BF16)
+            }
+            CpuStorage::F16(q) => {
+                with_cache!(contiguous(q, ql, "paged_attention")?, CpuStorage::F16)
+            }
             other => candle_core::bail!("paged_attention: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from((tokens, heads * d))))

@@ -82,7 +82,7 @@ impl SparseMoe {
                 continue;
             }
             let n = rows.len();
-            let idx = Tensor::from_vec(rows.clone(), n, x.device())?;
+            let idx = Tensor::from_slice(&rows, n, x.device())?;
             let y = expert.forward(&x.index_select(&idx, 0)?)?;
             let y = y.flatten_all()?.to_vec1::<f32>()?;
             for ((&t, &w), yr) in rows.iter().zip(&weights).zip(y.chunks_exact(hidden)) {
