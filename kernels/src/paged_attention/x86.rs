@@ -281,7 +281,9 @@ impl<T: Load16> RowOps<T> for Avx512Ops {
         unsafe {
             if d.is_multiple_of(64) {
                 // Head dims of 64, 128, ...: whole vectors, no masks; the same products
-                // in the same order as below.
+                // in the same order as below. With `ws_tile` this fast path measured 11.7 ms of
+                // attention per token at context 4096 against 13.0-13.8 ms for the general path
+                // alone (Qwen2.5-0.5B shape, AVX-512 Xeon).
                 let mut h0 = 0;
                 while h0 < group {
                     let heads = (group - h0).min(16);
