@@ -8,6 +8,7 @@ mod kv_write;
 mod linear;
 mod packed;
 mod paged_attention;
+mod pool;
 pub mod profile;
 mod rms_norm;
 mod silu_and_mul;
@@ -23,6 +24,7 @@ pub use packed::PackedWeight;
 pub use paged_attention::{
     causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
 };
+pub use pool::on_pool;
 pub use rms_norm::{rms_norm, rms_norm_ref};
 pub use silu_and_mul::{silu_and_mul, silu_and_mul_ref};
 

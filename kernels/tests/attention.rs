@@ -182,3 +182,108 @@ fn paged_rows_do_not_depend_on_the_batch_or_chunking() {
         }
     }
 }
+
+/// Contexts of several 256-key partitions, for every class of query heads per kv head (the
+/// AVX-512 path packs groups of 1, 2, ≤4, ≤8, ≤16 and falls back above) and head dims of 64,
+/// 128 and neither: against the reference, on every path, for a lone long decode (partitions
+/// run in parallel) and a batch of them (each item runs its partitions in turn).
+#[test]
+fn paged_long_contexts_match_the_reference() {
+    let bs = 16;
+    for (h, kv, d) in [
+        (14, 2, 64),
+        (2, 2, 64),
+        (4, 2, 128),
+        (6, 2, 64),
+        (16, 2, 64),
+        (16, 1, 128),
+        (20, 1, 64),
+        (6, 2, 40),
+    ] {
+        let lens = [700usize, 300, 257, 513];
+        let (k, v, tables) =
+            paged_cache(lens.iter().map(|l| l.div_ceil(bs)).sum(), bs, kv, d, &lens);
+        let (k, v) = (
+            k.to_dtype(DType::BF16).unwrap(),
+            v.to_dtype(DType::BF16).unwrap(),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        // One decode, then a batch: four decodes and the last 3 tokens of a prefill chunk.
+        let one = [PagedSeq {
+            start_pos: lens[0] - 1,
+            num_tokens: 1,
+            block_table: &tables[0],
+        }];
+        let mut many: Vec<PagedSeq> = lens
+            .iter()
+            .zip(&tables)
+            .map(|(&len, t)| PagedSeq {
+                start_pos: len - 1,
+                num_tokens: 1,
+                block_table: t,
+            })
+            .collect();
+        many[3] = PagedSeq {
+            start_pos: lens[3] - 3,
+            num_tokens: 3,
+            block_table: &tables[3],
+        };
+        for seqs in [&one[..], &many[..]] {
+            let tokens: usize = seqs.iter().map(|s| s.num_tokens).sum();
+            let q = Tensor::randn(0f32, 1.0, (tokens, h, d), &Device::Cpu).unwrap();
+            let reference = paged_attention_ref(&q, &k, &v, seqs, bs, kv, scale).unwrap();
+            for isa in supported_isas() {
+                let ours = paged_attention_with_isa(&q, &k, &v, seqs, bs, kv, scale, isa).unwrap();
+                let diff = max_abs(&(ours - &reference).unwrap());
+                assert!(
+                    diff < 1e-4,
+                    "{isa} h={h} kv={kv} d={d} {} seqs: {diff}",
+                    seqs.len()
+                );
+            }
+        }
+    }
+}
+
+/// A long sequence's rows are bit-identical whether it decodes alone (its partitions spread
+/// over threads) or beside many other sequences (each item's partitions in turn), and however
+/// its prompt was chunked across a partition boundary.
+#[test]
+fn paged_long_rows_do_not_depend_on_the_batch() {
+    let (bs, h, kv, d) = (16, 14, 2, 64);
+    let lens = [600usize, 40, 40, 40, 40, 40, 40, 40, 40];
+    let (k, v, tables) = paged_cache(lens.iter().map(|l| l.div_ceil(bs)).sum(), bs, kv, d, &lens);
+    let q = Tensor::randn(0f32, 1.0, (600, h, d), &Device::Cpu).unwrap();
+    let scale = 0.125;
+    for isa in supported_isas() {
+        let run = |q: &Tensor, seqs: &[PagedSeq]| -> Vec<Vec<f32>> {
+            paged_attention_with_isa(q, &k, &v, seqs, bs, kv, scale, isa)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let seq = |i: usize, start_pos, num_tokens| PagedSeq {
+            start_pos,
+            num_tokens,
+            block_table: &tables[i],
+        };
+        let whole = run(&q, &[seq(0, 0, 600)]);
+        // Chunks 0..250, 250..520 (across the cut at 256 and 512), then decodes.
+        let mut chunked = run(&q.narrow(0, 0, 250).unwrap(), &[seq(0, 0, 250)]);
+        chunked.extend(run(&q.narrow(0, 250, 270).unwrap(), &[seq(0, 250, 270)]));
+        for p in 520..600 {
+            chunked.extend(run(&q.narrow(0, p, 1).unwrap(), &[seq(0, p, 1)]));
+        }
+        assert_eq!(whole, chunked, "{isa}: chunking changed the result");
+        // The last decode beside eight others (enough items that none is split).
+        let others = Tensor::randn(0f32, 1.0, (8, h, d), &Device::Cpu).unwrap();
+        let batch_q = Tensor::cat(&[&others, &q.narrow(0, 599, 1).unwrap()], 0).unwrap();
+        let mut seqs: Vec<PagedSeq> = (1..9).map(|i| seq(i, 39, 1)).collect();
+        seqs.push(seq(0, 599, 1));
+        let batched = run(&batch_q, &seqs);
+        assert_eq!(
+            batched[8], whole[599],
+            "{isa}: the batch changed the result"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use ember_kernels::PagedSeq;
 use crate::batch::{Batch, SeqSlice};
 use crate::config::ModelConfig;
 
-pub trait KvCache {
+pub trait KvCache: Send {
     /// Stores this step's keys and values, (tokens, num_kv_heads, head_dim), of every sequence
     /// of `batch` at `layer`, then returns causal attention of `q`, (tokens, heads, head_dim),
     /// over each sequence's whole context: (tokens, heads * head_dim).

@@ -142,7 +142,19 @@ impl QwenModel {
 
     /// Runs one batch. Returns f32 logits, (rows, vocab), for the rows `batch.logits_rows`
     /// selects, in batch order.
+    ///
+    /// On CPU the whole pass runs on a worker of the kernels' pool
+    /// ([`ember_kernels::on_pool`]), so that no op pays for waking the pool.
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            ember_kernels::on_pool(|| self.forward_here(batch, cache))
+        } else {
+            self.forward_here(batch, cache)
+        }
+    }
+
+    /// [`Self::forward`] on the calling thread.
+    fn forward_here(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         // 1. Embed the new tokens and look up each one's rotary row.
         let mut x = self
             .embed_tokens

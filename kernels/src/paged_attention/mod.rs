@@ -111,6 +111,26 @@ trait RowOps<T> {
     /// # Safety
     /// The path's CPU features are enabled.
     unsafe fn exp_sum(x: &mut [f32], max: f32) -> f32;
+    /// One partition of one unit (see [`partition_general`], the default).
+    ///
+    /// # Safety
+    /// As [`partition_general`].
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn partition(
+        s: Shape4,
+        q: &[f32],
+        rows: &[usize],
+        k: *const T,
+        v: *const T,
+        scores: &mut Vec<f32>,
+        part: &mut [f32],
+    ) where
+        Self: Sized,
+    {
+        // SAFETY: as the caller guarantees.
+        unsafe { partition_general::<T, Self>(s, q, rows, k, v, scores, part) }
+    }
 }
 
 struct ScalarOps;
@@ -174,65 +194,68 @@ impl<T: Widen> RowOps<T> for ScalarOps {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-/// Per-thread buffers, reused across items and calls.
+/// Keys per partition. A context is cut at fixed positions (0, PART, 2·PART, ...) into
+/// partitions that are attended independently — in parallel when there are few queries (one
+/// long decode has only `kv_heads` items otherwise) — and combined in position order. The cuts
+/// depend on positions alone, so a token's arithmetic does not depend on the batch or the
+/// chunking. A partition's scores (group × PART) stay in L1.
+const PART: usize = 256;
+
+/// Per-thread buffers, reused across units and calls.
 #[derive(Default)]
 struct Scratch {
-    /// The item's query heads in f32 (group × d).
+    /// The unit's query heads in f32 (group × d).
     q: Vec<f32>,
-    /// Scores, then softmax numerators (group × context).
+    /// Scores, then softmax numerators, in the path's layout.
     scores: Vec<f32>,
-    sums: Vec<f32>,
-    /// The item's output heads in f32 (group × d).
-    out: Vec<f32>,
-    /// Offset of each context position's row (this kv head) in the cache.
+    /// Offset of each of the partition's rows (this kv head) in the cache.
     rows: Vec<usize>,
+    /// An item's partials, when one thread runs all its partitions.
+    parts: Vec<f32>,
 }
 
-/// One work item: query heads `g·group .. (g+1)·group` of the token at position `pos`.
-#[derive(Clone, Copy)]
-struct Item<'a> {
-    table: &'a [u32],
-    pos: usize,
-    g: usize,
+/// A partition's result for each of the group's heads, laid out as one slice of
+/// [`partial_len`] values: the maximum score m (group), Σ exp(score - m) (group), and the
+/// unnormalized weighted sum of values (group × d).
+fn partial_len(group: usize, d: usize) -> usize {
+    group * (2 + d)
 }
 
-/// Attends one item over keys and values 0..=pos: reads `w.q`, writes `w.out`.
+/// Attends `group` query heads (`q`: group × d, f32) over the keys and values at `rows` (one
+/// partition), writing its partial result (see [`partial_len`]) to `part`. The path's
+/// general form, over head-major scores.
 ///
 /// # Safety
-/// The path `R`'s CPU features are enabled; `it.table` covers positions 0..=pos with blocks
-/// whose slots lie inside `k` and `v`, and `w.q` holds group × d values (checked by the caller).
+/// The path `R`'s CPU features are enabled; every row offset + d lies inside `k` and `v`;
+/// `q` holds group × d values and `part` [`partial_len`] values.
 #[inline(always)]
-unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
-    let (d, group, bs) = (s.head_dim, s.heads / s.kv_heads, s.block_size);
-    let ctx = it.pos + 1;
-    let width = s.kv_heads * d;
-    // Row offsets block by block (no division per key).
-    w.rows.clear();
-    for (b, &block) in it.table.iter().enumerate().take(ctx.div_ceil(bs)) {
-        let base = block as usize * bs * width + it.g * d;
-        let n = bs.min(ctx - b * bs);
-        w.rows.extend((0..n).map(|o| base + o * width));
-    }
-    let rows = &w.rows;
-    w.scores.clear();
-    w.scores.resize(group * ctx, 0.0);
-    w.sums.clear();
-    w.sums.resize(group, 0.0);
-    w.out.clear();
-    w.out.resize(group * d, 0.0);
-    let (q, scores, out) = (&w.q, &mut w.scores, &mut w.out);
-    // SAFETY (whole body): row offsets come from the table, inside k and v as the caller
-    // checked (one per position below ctx); q and
-    // out hold group × d values and scores group × ctx.
+#[allow(clippy::too_many_arguments)]
+unsafe fn partition_general<T, R: RowOps<T>>(
+    s: Shape4,
+    q: &[f32],
+    rows: &[usize],
+    k: *const T,
+    v: *const T,
+    scores: &mut Vec<f32>,
+    part: &mut [f32],
+) {
+    let (d, group, n) = (s.head_dim, s.heads / s.kv_heads, rows.len());
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    let (ml, o) = part.split_at_mut(2 * group);
+    o.fill(0.0);
+    let row_bytes = d * std::mem::size_of::<T>();
+    // SAFETY (whole body): as the caller guarantees; scores hold group × n values.
     unsafe {
         // 1. Scores, key by key; every head of the group reads the key row once loaded.
-        let row_bytes = d * std::mem::size_of::<T>();
-        for j in 0..ctx {
-            if j + AHEAD < ctx {
-                let next = k.as_ptr().add(*rows.get_unchecked(j + AHEAD));
-                R::prefetch(next as *const u8, row_bytes);
+        for j in 0..n {
+            if j + AHEAD < n {
+                R::prefetch(
+                    k.add(*rows.get_unchecked(j + AHEAD)) as *const u8,
+                    row_bytes,
+                );
             }
-            let kr = k.as_ptr().add(*rows.get_unchecked(j));
+            let kr = k.add(*rows.get_unchecked(j));
             R::scores(
                 q.as_ptr(),
                 kr,
@@ -240,90 +263,176 @@ unsafe fn item<T: Copy, R: RowOps<T>>(s: Shape4, it: Item, k: &[T], v: &[T], w: 
                 d,
                 s.scale,
                 scores.as_mut_ptr().add(j),
-                ctx,
+                n,
             );
         }
-        // 2. Exact softmax numerators per head (max, then exp and sum in the path's order).
-        for (h, sum) in w.sums.iter_mut().enumerate() {
-            let sc = &mut scores[h * ctx..(h + 1) * ctx];
+        // 2. Softmax numerators per head (exact max, then exp and sum in the path's order).
+        for h in 0..group {
+            let sc = &mut scores[h * n..(h + 1) * n];
             let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            *sum = R::exp_sum(sc, max);
+            ml[h] = max;
+            ml[group + h] = R::exp_sum(sc, max);
         }
         // 3. Weighted sum of values, value by value.
-        let vp = v.as_ptr();
         R::weighted_sum(
             scores.as_ptr(),
-            ctx,
+            n,
             group,
-            ctx,
+            n,
             d,
             |j| {
-                if j + AHEAD < ctx {
-                    let next = vp.add(*rows.get_unchecked(j + AHEAD));
-                    R::prefetch(next as *const u8, row_bytes);
+                if j + AHEAD < n {
+                    R::prefetch(
+                        v.add(*rows.get_unchecked(j + AHEAD)) as *const u8,
+                        row_bytes,
+                    );
                 }
-                vp.add(*rows.get_unchecked(j))
+                v.add(*rows.get_unchecked(j))
             },
-            out.as_mut_ptr(),
+            o.as_mut_ptr(),
         );
-        for (h, sum) in w.sums.iter().enumerate() {
-            for o in &mut out[h * d..(h + 1) * d] {
-                *o /= sum;
-            }
-        }
     }
 }
 
 /// How many keys (values) ahead of use their rows are prefetched.
 const AHEAD: usize = 8;
 
-/// `item` compiled for one path.
-type ItemFn<T> = unsafe fn(Shape4, Item, &[T], &[T], &mut Scratch);
+/// One unit of work: kv heads `g0..g1` (and their query heads) of one token against the keys
+/// at positions `lo..hi` (one partition of its context). A unit takes every kv head when
+/// there is enough other work to share out: a core then uses every cache line of the K/V
+/// rows it pulls in (with one kv head per core, each core's prefetcher fetches the whole rows
+/// anyway — measured twice the memory traffic).
+#[derive(Clone, Copy)]
+struct Unit<'a> {
+    table: &'a [u32],
+    lo: usize,
+    hi: usize,
+    g0: usize,
+    g1: usize,
+}
 
-fn item_scalar<T: Widen>(s: Shape4, it: Item, k: &[T], v: &[T], w: &mut Scratch) {
+/// Attends one unit: reads the queries of its kv heads from `w.q` (g1 - g0 groups × d),
+/// writes one partial per kv head to `parts`.
+///
+/// # Safety
+/// The path `R`'s CPU features are enabled; `u.table` covers positions below `u.hi` with
+/// blocks whose slots lie inside `k` and `v`; `w.q` holds (g1 - g0) × group × d values
+/// (checked by the caller) and `parts` (g1 - g0) × [`partial_len`].
+#[inline(always)]
+unsafe fn unit<T: Copy, R: RowOps<T>>(
+    s: Shape4,
+    u: Unit,
+    k: &[T],
+    v: &[T],
+    w: &mut Scratch,
+    parts: &mut [f32],
+) {
+    let (d, bs, group) = (s.head_dim, s.block_size, s.heads / s.kv_heads);
+    let width = s.kv_heads * d;
+    // Row offsets (of kv head 0) block by block, no division per key.
+    w.rows.clear();
+    let mut p = u.lo;
+    while p < u.hi {
+        let (b, o) = (p / bs, p % bs);
+        let n = (bs - o).min(u.hi - p);
+        let base = u.table[b] as usize * bs * width;
+        w.rows.extend((o..o + n).map(|o| base + o * width));
+        p += n;
+    }
+    let len = partial_len(group, d);
+    for (i, g) in (u.g0..u.g1).enumerate() {
+        let q = &w.q[i * group * d..(i + 1) * group * d];
+        let part = &mut parts[i * len..(i + 1) * len];
+        // SAFETY: as the caller guarantees (rows from the checked table; kv head g's row
+        // starts g · d into each).
+        unsafe {
+            let (kg, vg) = (k.as_ptr().add(g * d), v.as_ptr().add(g * d));
+            R::partition(s, q, &w.rows, kg, vg, &mut w.scores, part)
+        }
+    }
+}
+
+/// `unit` compiled for one path.
+type UnitFn<T> = unsafe fn(Shape4, Unit, &[T], &[T], &mut Scratch, &mut [f32]);
+
+fn unit_scalar<T: Widen>(s: Shape4, u: Unit, k: &[T], v: &[T], w: &mut Scratch, part: &mut [f32]) {
     // SAFETY: the scalar path needs no CPU feature; the caller checked the table.
-    unsafe { item::<T, ScalarOps>(s, it, k, v, w) }
+    unsafe { unit::<T, ScalarOps>(s, u, k, v, w, part) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn item_avx2<T: crate::elem::x86::Load8>(
+unsafe fn unit_avx2<T: crate::elem::x86::Load8>(
     s: Shape4,
-    it: Item,
+    u: Unit,
     k: &[T],
     v: &[T],
     w: &mut Scratch,
+    part: &mut [f32],
 ) {
     // SAFETY: the features are enabled here; the caller checked the table.
-    unsafe { item::<T, x86::Avx2Ops>(s, it, k, v, w) }
+    unsafe { unit::<T, x86::Avx2Ops>(s, u, k, v, w, part) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn item_avx512<T: crate::elem::x86::Load16>(
+unsafe fn unit_avx512<T: crate::elem::x86::Load16>(
     s: Shape4,
-    it: Item,
+    u: Unit,
     k: &[T],
     v: &[T],
     w: &mut Scratch,
+    part: &mut [f32],
 ) {
     // SAFETY: the features are enabled here; the caller checked the table.
-    unsafe { item::<T, x86::Avx512Ops>(s, it, k, v, w) }
+    unsafe { unit::<T, x86::Avx512Ops>(s, u, k, v, w, part) }
 }
 
-/// The item function for `isa` (the best the CPU supports at or below it).
-fn item_fn<T: crate::elem::ElemType>(isa: Isa) -> ItemFn<T> {
+/// The unit function for `isa` (the best the CPU supports at or below it).
+fn unit_fn<T: crate::elem::ElemType>(isa: Isa) -> UnitFn<T> {
     #[cfg(target_arch = "x86_64")]
     {
         if isa >= Isa::Avx512 && Isa::Avx512.is_supported() {
-            return item_avx512::<T>;
+            return unit_avx512::<T>;
         }
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
-            return item_avx2::<T>;
+            return unit_avx2::<T>;
         }
     }
     let _ = isa;
-    item_scalar::<T>
+    unit_scalar::<T>
+}
+
+/// Combines a (token, kv head)'s partials, in position order, into its normalized output:
+/// with M the largest partition maximum, out = Σ o_i · e^(m_i - M) / Σ l_i · e^(m_i - M).
+/// Partial i is `parts[i · stride..][..partial_len]`. One partition gives o / l exactly.
+fn combine<Q: Store>(
+    parts: &[f32],
+    stride: usize,
+    group: usize,
+    d: usize,
+    out: &mut [Q],
+    acc: &mut Vec<f32>,
+) {
+    let each = || parts.chunks(stride);
+    acc.clear();
+    acc.resize(group * d, 0.0);
+    for h in 0..group {
+        let max = each().map(|p| p[h]).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        let a = &mut acc[h * d..(h + 1) * d];
+        for p in each() {
+            let w = (p[h] - max).exp();
+            sum += p[group + h] * w;
+            let o = &p[2 * group + h * d..2 * group + (h + 1) * d];
+            for (a, o) in a.iter_mut().zip(o) {
+                *a += o * w;
+            }
+        }
+        for (dst, a) in out[h * d..(h + 1) * d].iter_mut().zip(a.iter()) {
+            *dst = Q::from_f32(a / sum);
+        }
+    }
 }
 
 thread_local! {
@@ -376,31 +485,86 @@ impl PagedAttention<'_> {
         plan: &[(usize, usize)],
     ) -> Vec<Q> {
         let s = self.shape;
-        let (d, group) = (s.head_dim, s.heads / s.kv_heads);
-        let f = item_fn::<T>(self.isa);
+        let (d, group, kv) = (s.head_dim, s.heads / s.kv_heads, s.kv_heads);
+        let f = unit_fn::<T>(self.isa);
+        let len = partial_len(group, d);
+        let threads = rayon::current_num_threads();
+        let partitions = |t: usize| plan[t].1 / PART + 1;
+        let total: usize = (0..plan.len()).map(partitions).sum();
+        // Units take every kv head unless that leaves too few to share out; then one kv head
+        // each (`span` kv heads per unit). Item c = (token c / (kv / span), kv heads from
+        // (c % (kv / span)) · span).
+        let span = if total >= 2 * threads { kv } else { 1 };
+        let per_token = kv / span;
+        let items = plan.len() * per_token;
+        let unit_of = |c: usize, lo: usize| {
+            let (t, g0) = (c / per_token, c % per_token * span);
+            let (seq, pos) = plan[t];
+            let u = Unit {
+                table: self.seqs[seq].block_table,
+                lo,
+                hi: (lo + PART).min(pos + 1),
+                g0,
+                g1: g0 + span,
+            };
+            (u, (t * s.heads + g0 * group) * d)
+        };
+        let attend = |u: Unit, q0: usize, w: &mut Scratch, parts: &mut [f32]| {
+            w.q.clear();
+            w.q.extend(q[q0..q0 + span * group * d].iter().map(|x| x.widen()));
+            // SAFETY: `unit_fn` returned a function for a path this CPU supports; `plan`
+            // checked that each table covers 0..=pos inside the cache; w.q holds the unit's
+            // span × group × d queries and `parts` span partials.
+            unsafe { f(s, u, k, v, w, parts) };
+        };
+        // Combines item c's partials (`parts`: partition-major, span partials each) into its
+        // output (span × group × d).
+        let finish = |parts: &[f32], out: &mut [Q], acc: &mut Vec<f32>| {
+            for (i, out) in out.chunks_exact_mut(group * d).enumerate() {
+                combine(&parts[i * len..], span * len, group, d, out, acc);
+            }
+        };
         let mut out = vec![Q::from_f32(0.0); plan.len() * s.heads * d];
-        out.par_chunks_mut(group * d)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let (t, g) = (c / s.kv_heads, c % s.kv_heads);
-                let (seq, pos) = plan[t];
-                let q0 = (t * s.heads + g * group) * d;
-                let it = Item {
-                    table: self.seqs[seq].block_table,
-                    pos,
-                    g,
-                };
+        let chunk = span * group * d;
+        if items >= 2 * threads || total == plan.len() {
+            // Enough items to share out (or one partition each): each item runs its
+            // partitions in turn, one pass.
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
                 SCRATCH.with_borrow_mut(|w| {
-                    w.q.clear();
-                    w.q.extend(q[q0..q0 + group * d].iter().map(|x| x.widen()));
-                    // SAFETY: `item_fn` returned a function for a path this CPU supports; `plan`
-                    // checked that the table covers 0..=pos inside the cache; w.q is group × d.
-                    unsafe { f(s, it, k, v, w) };
-                    for (dst, x) in out.iter_mut().zip(&w.out) {
-                        *dst = Q::from_f32(*x);
+                    let n = partitions(c / per_token);
+                    let mut parts = std::mem::take(&mut w.parts);
+                    parts.resize(n * span * len, 0.0);
+                    for (i, part) in parts.chunks_exact_mut(span * len).enumerate() {
+                        let (u, q0) = unit_of(c, i * PART);
+                        attend(u, q0, w, part);
                     }
-                });
+                    finish(&parts, out, &mut w.scores);
+                    w.parts = parts;
+                })
             });
+            return out;
+        }
+        // Few items with long contexts (batch-1 decode): partitions run in parallel, then
+        // each item combines its own.
+        let mut first = Vec::with_capacity(items + 1);
+        let mut list = Vec::with_capacity(total * per_token);
+        for c in 0..items {
+            first.push(list.len());
+            list.extend((0..partitions(c / per_token)).map(|i| (c, i * PART)));
+        }
+        first.push(list.len());
+        let mut parts = vec![0f32; list.len() * span * len];
+        parts
+            .par_chunks_mut(span * len)
+            .zip(list.par_iter())
+            .for_each(|(part, &(c, lo))| {
+                let (u, q0) = unit_of(c, lo);
+                SCRATCH.with_borrow_mut(|w| attend(u, q0, w, part));
+            });
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            let parts = &parts[first[c] * span * len..first[c + 1] * span * len];
+            SCRATCH.with_borrow_mut(|w| finish(parts, out, &mut w.scores));
+        });
         out
     }
 }
