@@ -1,6 +1,7 @@
-//! `write_kv(cache, src, slots)`: this step's keys or values, (tokens, width), written in place
-//! into rows `slots[i]` of a paged cache (slots, width), converted to the cache's dtype (vLLM's
-//! `reshape_and_cache`). No gathered copy of the cache is ever made.
+//! `write_kv(cache, src, slots, layout)`: this step's keys or values, (tokens, width), written in
+//! place into slots `slots[i]` of a paged cache (slots, width) laid out as `layout` says,
+//! converted to the cache's dtype (vLLM's `reshape_and_cache`). No gathered copy of the cache is
+//! ever made.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
@@ -8,25 +9,82 @@ use half::{bf16, f16};
 
 use crate::elem::{contiguous, Store, Widen};
 
-struct WriteKv<'a> {
-    slots: &'a [u32],
+/// How a paged cache (slots, width) of blocks of slots lays out its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Slot-major: slot s's `width` values are row s.
+    Rows,
+    /// Each block of `block_size` slots is a (width, block_size) matrix: column c of slot s at
+    /// `(s / bs) · bs · width + c · bs + s % bs`. The CPU keeps keys this way, so that one
+    /// vector load holds one dimension of 16 consecutive keys and attention scores 16 keys per
+    /// FMA without a horizontal sum (measured 1.6× faster scores than rows, AVX-512 Xeon).
+    Columns { block_size: usize },
 }
 
-fn rows_into<S: Widen, D: Store>(dst: &mut [D], src: &[S], slots: &[u32], width: usize) {
+impl KvLayout {
+    /// Offset of value `col` of slot `slot` in a cache of `width` values per slot.
+    #[inline(always)]
+    pub fn offset(self, slot: usize, col: usize, width: usize) -> usize {
+        match self {
+            KvLayout::Rows => slot * width + col,
+            KvLayout::Columns { block_size: bs } => (slot / bs) * bs * width + col * bs + slot % bs,
+        }
+    }
+}
+
+struct WriteKv<'a> {
+    slots: &'a [u32],
+    layout: KvLayout,
+}
+
+fn rows_into<S: Widen, D: Store>(
+    dst: &mut [D],
+    src: &[S],
+    slots: &[u32],
+    width: usize,
+    layout: KvLayout,
+) {
     for (row, &slot) in src.chunks_exact(width).zip(slots) {
-        let at = slot as usize * width;
-        for (d, s) in dst[at..at + width].iter_mut().zip(row) {
-            *d = D::from_f32(s.widen());
+        match layout {
+            KvLayout::Rows => {
+                let at = slot as usize * width;
+                for (d, s) in dst[at..at + width].iter_mut().zip(row) {
+                    *d = D::from_f32(s.widen());
+                }
+            }
+            KvLayout::Columns { .. } => {
+                for (c, s) in row.iter().enumerate() {
+                    dst[layout.offset(slot as usize, c, width)] = D::from_f32(s.widen());
+                }
+            }
         }
     }
 }
 
 macro_rules! from_src {
-    ($dst:expr, $src:expr, $sl:expr, $slots:expr, $width:expr) => {
+    ($dst:expr, $src:expr, $sl:expr, $op:expr, $width:expr) => {
         match $src {
-            CpuStorage::F32(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
-            CpuStorage::BF16(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
-            CpuStorage::F16(s) => rows_into($dst, contiguous(s, $sl, "write_kv")?, $slots, $width),
+            CpuStorage::F32(s) => rows_into(
+                $dst,
+                contiguous(s, $sl, "write_kv")?,
+                $op.slots,
+                $width,
+                $op.layout,
+            ),
+            CpuStorage::BF16(s) => rows_into(
+                $dst,
+                contiguous(s, $sl, "write_kv")?,
+                $op.slots,
+                $width,
+                $op.layout,
+            ),
+            CpuStorage::F16(s) => rows_into(
+                $dst,
+                contiguous(s, $sl, "write_kv")?,
+                $op.slots,
+                $width,
+                $op.layout,
+            ),
             other => candle_core::bail!("write_kv: unsupported source dtype {:?}", other.dtype()),
         }
     };
@@ -57,25 +115,34 @@ impl InplaceOp2 for WriteKv<'_> {
         if let Some(s) = self.slots.iter().find(|&&s| s as usize >= num_slots) {
             candle_core::bail!("write_kv: slot {s} beyond the cache's {num_slots}");
         }
+        if let KvLayout::Columns { block_size } = self.layout {
+            if block_size == 0 || !num_slots.is_multiple_of(block_size) {
+                candle_core::bail!("write_kv: {num_slots} slots are not blocks of {block_size}");
+            }
+        }
         let (start, end) = cl
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("write_kv: cache must be contiguous".into()))?;
         match cache {
-            CpuStorage::F32(c) => from_src!(&mut c[start..end], src, sl, self.slots, width),
-            CpuStorage::BF16(c) => from_src!(&mut c[start..end], src, sl, self.slots, width),
-            CpuStorage::F16(c) => from_src!(&mut c[start..end], src, sl, self.slots, width),
+            CpuStorage::F32(c) => from_src!(&mut c[start..end], src, sl, self, width),
+            CpuStorage::BF16(c) => from_src!(&mut c[start..end], src, sl, self, width),
+            CpuStorage::F16(c) => from_src!(&mut c[start..end], src, sl, self, width),
             other => candle_core::bail!("write_kv: unsupported cache dtype {:?}", other.dtype()),
         }
         Ok(())
     }
 }
 
-/// Writes row i of `src` (tokens, width) into row `slots[i]` of `cache` (slots, width), in
-/// place, converting to the cache's dtype.
-pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32]) -> Result<()> {
+/// Writes row i of `src` (tokens, width) into slot `slots[i]` of `cache` (slots, width), laid
+/// out as `layout` says, in place, converting to the cache's dtype. Other devices than the CPU
+/// take [`KvLayout::Rows`] only.
+pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32], layout: KvLayout) -> Result<()> {
     let _t = crate::profile::timer(crate::profile::OpClass::Attention);
     if cache.device().is_cpu() {
-        return cache.inplace_op2(&src.contiguous()?, &WriteKv { slots });
+        return cache.inplace_op2(&src.contiguous()?, &WriteKv { slots, layout });
+    }
+    if layout != KvLayout::Rows {
+        candle_core::bail!("write_kv: {layout:?} is a CPU layout");
     }
     let (tokens, width) = src.dims2()?;
     let index: Vec<u32> = slots
@@ -88,24 +155,57 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32]) -> Result<()> {
 
 /// A zero-filled CPU tensor whose pages the OS maps only when first written (the allocation
 /// asks for zeroed memory instead of writing zeros), so a large KV cache costs no start-up time
-/// and only the memory its sequences use. Other devices: `Tensor::zeros`.
+/// and only the memory its sequences use (in steps of 2 MB huge pages where Linux grants them,
+/// see `advise_huge`). Other devices: `Tensor::zeros`.
 pub fn zeros_lazy(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
     let n = shape.0 * shape.1;
     if !device.is_cpu() {
         return Tensor::zeros(shape, dtype, device);
     }
     match dtype {
-        DType::F32 => Tensor::from_vec(vec![0f32; n], shape, device),
+        DType::F32 => {
+            let v = vec![0f32; n];
+            advise_huge(&v);
+            Tensor::from_vec(v, shape, device)
+        }
         DType::BF16 => Tensor::from_vec(halves_zeroed::<bf16>(n), shape, device),
         DType::F16 => Tensor::from_vec(halves_zeroed::<f16>(n), shape, device),
         other => Tensor::zeros(shape, other, device),
     }
 }
 
+/// Asks Linux to back `v`'s memory with transparent huge pages (where THP is in `madvise`
+/// mode, the common default, nothing else does). Call before the memory is first touched. A
+/// KV cache is read one 16-slot block (a few KB) at a time from scattered places: with 4 KB
+/// pages nearly every block read is a TLB miss. A hint only: failures are ignored.
+fn advise_huge<T>(v: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = v.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(v);
+        let aligned = start.div_ceil(PAGE) * PAGE;
+        if end > aligned + (2 << 20) {
+            // SAFETY: madvise only changes how the kernel backs this range, which lies inside
+            // `v`'s allocation (rounded inward to whole pages); it does not touch the contents.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    (end - aligned) / PAGE * PAGE,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
+}
+
 /// `n` zeros of a 16-bit float type from a zeroed allocation of u16 (which the allocator can
 /// hand out as untouched pages).
 fn halves_zeroed<T: HalfBits>(n: usize) -> Vec<T> {
     let raw = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    advise_huge(&raw);
     let (ptr, len, cap) = (raw.as_ptr() as *mut u16, raw.len(), raw.capacity());
     // SAFETY: T is a #[repr(transparent)] wrapper of u16 (same size and alignment, every bit
     // pattern valid, all-zero bits = +0.0); the allocation is handed over whole, with its length
@@ -126,7 +226,7 @@ mod tests {
     fn rows_land_in_their_slots_converted() {
         let cache = Tensor::zeros((6, 3), DType::BF16, &Device::Cpu).unwrap();
         let src = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
-        write_kv(&cache, &src, &[4, 1]).unwrap();
+        write_kv(&cache, &src, &[4, 1], KvLayout::Rows).unwrap();
         let got = cache
             .to_dtype(DType::F32)
             .unwrap()
@@ -138,8 +238,29 @@ mod tests {
         for r in [0, 2, 3, 5] {
             assert_eq!(got[r], zero, "row {r} untouched");
         }
-        assert!(write_kv(&cache, &src, &[6, 0]).is_err());
-        assert!(write_kv(&cache, &src, &[0]).is_err());
+        assert!(write_kv(&cache, &src, &[6, 0], KvLayout::Rows).is_err());
+        assert!(write_kv(&cache, &src, &[0], KvLayout::Rows).is_err());
+    }
+
+    /// Columns: each block of 2 slots is a (width, 2) matrix, so slot s's values are column
+    /// s % 2 of block s / 2.
+    #[test]
+    fn columns_land_in_their_block_columns() {
+        let cache = Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap();
+        let src = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
+        let layout = KvLayout::Columns { block_size: 2 };
+        write_kv(&cache, &src, &[3, 4], layout).unwrap();
+        let got = cache.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Block 1 (offsets 6..12) holds slot 3 in its column 1; block 2 (12..18) slot 4 in
+        // its column 0.
+        let mut want = vec![0f32; 18];
+        for c in 0..3 {
+            want[6 + 2 * c + 1] = 1. + c as f32;
+            want[12 + 2 * c] = 4. + c as f32;
+        }
+        assert_eq!(got, want);
+        let odd = Tensor::zeros((5, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(write_kv(&odd, &src, &[0, 1], layout).is_err());
     }
 
     #[test]

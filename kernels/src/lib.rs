@@ -18,7 +18,7 @@ pub use isa::{
     cpu_isa, cpu_isa_warning, detect as detect_isa, preferred as preferred_isa,
     rerun_tests_on_other_isas, supported_isas, Isa,
 };
-pub use kv_write::{write_kv, zeros_lazy};
+pub use kv_write::{write_kv, zeros_lazy, KvLayout};
 pub use linear::{linear, linear_packed, linear_packed_with_isa, linear_ref, linear_with_isa};
 pub use packed::PackedWeight;
 pub use paged_attention::{

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use common::max_abs;
 use ember_kernels::{
     causal_attention, causal_attention_ref, paged_attention, paged_attention_ref,
-    paged_attention_with_isa, supported_isas, PagedSeq,
+    paged_attention_with_isa, supported_isas, KvLayout, PagedSeq,
 };
 
 fn qkv(n: usize, ctx: usize, h: usize, kv: usize, d: usize) -> (Tensor, Tensor, Tensor) {
@@ -84,6 +84,29 @@ fn paged_cache(
     (k, v, tables)
 }
 
+/// A row-layout cache (slots, width) in [`KvLayout::Columns`]: each block of `bs` slots
+/// transposed.
+fn to_columns(cache: &Tensor, bs: usize) -> Tensor {
+    let (slots, width) = cache.dims2().unwrap();
+    cache
+        .reshape((slots / bs, bs, width))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((slots, width))
+        .unwrap()
+}
+
+/// Both key layouts of a row-layout key cache.
+fn layouts(k: &Tensor, bs: usize) -> [(Tensor, KvLayout); 2] {
+    [
+        (k.clone(), KvLayout::Rows),
+        (to_columns(k, bs), KvLayout::Columns { block_size: bs }),
+    ]
+}
+
 #[test]
 fn paged_matches_the_reference_on_every_path() {
     let (bs, h, kv, d) = (4, 6, 2, 20);
@@ -108,12 +131,26 @@ fn paged_matches_the_reference_on_every_path() {
             k.to_dtype(cache_dtype).unwrap(),
             v.to_dtype(cache_dtype).unwrap(),
         );
-        let reference = paged_attention_ref(&q, &k, &v, &seqs, bs, kv, scale).unwrap();
-        for isa in supported_isas() {
-            let ours = paged_attention_with_isa(&q, &k, &v, &seqs, bs, kv, scale, isa).unwrap();
-            assert_eq!(ours.dims(), &[tokens, h * d]);
-            let diff = max_abs(&(ours - &reference).unwrap());
-            assert!(diff < 1e-5, "{isa} cache {cache_dtype:?}: {diff}");
+        let reference =
+            paged_attention_ref(&q, &k, &v, &seqs, bs, KvLayout::Rows, kv, scale).unwrap();
+        for (keys, layout) in layouts(&k, bs) {
+            // The reference reads the column layout too.
+            let theirs = paged_attention_ref(&q, &keys, &v, &seqs, bs, layout, kv, scale).unwrap();
+            assert!(
+                max_abs(&(theirs - &reference).unwrap()) < 1e-6,
+                "{layout:?} reference"
+            );
+            for isa in supported_isas() {
+                let ours =
+                    paged_attention_with_isa(&q, &keys, &v, &seqs, bs, layout, kv, scale, isa)
+                        .unwrap();
+                assert_eq!(ours.dims(), &[tokens, h * d]);
+                let diff = max_abs(&(ours - &reference).unwrap());
+                assert!(
+                    diff < 1e-5,
+                    "{isa} {layout:?} cache {cache_dtype:?}: {diff}"
+                );
+            }
         }
     }
     // A table that does not cover the positions is an error, not a panic.
@@ -123,13 +160,21 @@ fn paged_matches_the_reference_on_every_path() {
         block_table: &tables[0][..1],
     }];
     let q1 = q.narrow(0, 0, 1).unwrap();
-    assert!(paged_attention(&q1, &k, &v, &short, bs, kv, scale).is_err());
+    assert!(paged_attention(&q1, &k, &v, &short, bs, KvLayout::Rows, kv, scale).is_err());
     let outside = [PagedSeq {
         start_pos: 0,
         num_tokens: 1,
         block_table: &[99],
     }];
-    assert!(paged_attention(&q1, &k, &v, &outside, bs, kv, scale).is_err());
+    assert!(paged_attention(&q1, &k, &v, &outside, bs, KvLayout::Rows, kv, scale).is_err());
+    // Columns of another block size than the cache's.
+    let seq = [PagedSeq {
+        start_pos: 0,
+        num_tokens: 1,
+        block_table: &tables[0],
+    }];
+    let other = KvLayout::Columns { block_size: 2 * bs };
+    assert!(paged_attention(&q1, &k, &v, &seq, bs, other, kv, scale).is_err());
 }
 
 /// A sequence's outputs are bit-identical alone, in a batch, and however its queries are
@@ -145,40 +190,42 @@ fn paged_rows_do_not_depend_on_the_batch_or_chunking() {
         for dtype in [DType::F32, DType::BF16] {
             let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
             let (q, other_q) = (q.to_dtype(dtype).unwrap(), other_q.to_dtype(dtype).unwrap());
-            let run = |q: &Tensor, seqs: &[PagedSeq]| -> Vec<Vec<f32>> {
-                paged_attention_with_isa(q, &k, &v, seqs, bs, kv, scale, isa)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap()
-            };
-            let seq = |start_pos, num_tokens| PagedSeq {
-                start_pos,
-                num_tokens,
-                block_table: &tables[0],
-            };
-            let whole = run(&q, &[seq(0, 21)]);
-            // Chunked: 0..8, 8..20, then a decode of 20.
-            let mut chunked = run(&q.narrow(0, 0, 8).unwrap(), &[seq(0, 8)]);
-            chunked.extend(run(&q.narrow(0, 8, 12).unwrap(), &[seq(8, 12)]));
-            chunked.extend(run(&q.narrow(0, 20, 1).unwrap(), &[seq(20, 1)]));
-            assert_eq!(
-                whole, chunked,
-                "{isa} {dtype:?}: chunking changed the result"
-            );
-            // In a batch after another sequence's prefill.
-            let batch_q = Tensor::cat(&[&other_q, &q.narrow(0, 20, 1).unwrap()], 0).unwrap();
-            let other = PagedSeq {
-                start_pos: 0,
-                num_tokens: 9,
-                block_table: &tables[1],
-            };
-            let batched = run(&batch_q, &[other, seq(20, 1)]);
-            assert_eq!(
-                batched[9], whole[20],
-                "{isa} {dtype:?}: the batch changed the result"
-            );
+            for (keys, layout) in layouts(&k, bs) {
+                let run = |q: &Tensor, seqs: &[PagedSeq]| -> Vec<Vec<f32>> {
+                    paged_attention_with_isa(q, &keys, &v, seqs, bs, layout, kv, scale, isa)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap()
+                };
+                let seq = |start_pos, num_tokens| PagedSeq {
+                    start_pos,
+                    num_tokens,
+                    block_table: &tables[0],
+                };
+                let whole = run(&q, &[seq(0, 21)]);
+                // Chunked: 0..8, 8..20, then a decode of 20.
+                let mut chunked = run(&q.narrow(0, 0, 8).unwrap(), &[seq(0, 8)]);
+                chunked.extend(run(&q.narrow(0, 8, 12).unwrap(), &[seq(8, 12)]));
+                chunked.extend(run(&q.narrow(0, 20, 1).unwrap(), &[seq(20, 1)]));
+                assert_eq!(
+                    whole, chunked,
+                    "{isa} {dtype:?} {layout:?}: chunking changed the result"
+                );
+                // In a batch after another sequence's prefill.
+                let batch_q = Tensor::cat(&[&other_q, &q.narrow(0, 20, 1).unwrap()], 0).unwrap();
+                let other = PagedSeq {
+                    start_pos: 0,
+                    num_tokens: 9,
+                    block_table: &tables[1],
+                };
+                let batched = run(&batch_q, &[other, seq(20, 1)]);
+                assert_eq!(
+                    batched[9], whole[20],
+                    "{isa} {dtype:?} {layout:?}: the batch changed the result"
+                );
+            }
         }
     }
 }
@@ -231,15 +278,20 @@ fn paged_long_contexts_match_the_reference() {
         for seqs in [&one[..], &many[..]] {
             let tokens: usize = seqs.iter().map(|s| s.num_tokens).sum();
             let q = Tensor::randn(0f32, 1.0, (tokens, h, d), &Device::Cpu).unwrap();
-            let reference = paged_attention_ref(&q, &k, &v, seqs, bs, kv, scale).unwrap();
-            for isa in supported_isas() {
-                let ours = paged_attention_with_isa(&q, &k, &v, seqs, bs, kv, scale, isa).unwrap();
-                let diff = max_abs(&(ours - &reference).unwrap());
-                assert!(
-                    diff < 1e-4,
-                    "{isa} h={h} kv={kv} d={d} {} seqs: {diff}",
-                    seqs.len()
-                );
+            let reference =
+                paged_attention_ref(&q, &k, &v, seqs, bs, KvLayout::Rows, kv, scale).unwrap();
+            for (keys, layout) in layouts(&k, bs) {
+                for isa in supported_isas() {
+                    let ours =
+                        paged_attention_with_isa(&q, &keys, &v, seqs, bs, layout, kv, scale, isa)
+                            .unwrap();
+                    let diff = max_abs(&(ours - &reference).unwrap());
+                    assert!(
+                        diff < 1e-4,
+                        "{isa} {layout:?} h={h} kv={kv} d={d} {} seqs: {diff}",
+                        seqs.len()
+                    );
+                }
             }
         }
     }
@@ -255,9 +307,13 @@ fn paged_long_rows_do_not_depend_on_the_batch() {
     let (k, v, tables) = paged_cache(lens.iter().map(|l| l.div_ceil(bs)).sum(), bs, kv, d, &lens);
     let q = Tensor::randn(0f32, 1.0, (600, h, d), &Device::Cpu).unwrap();
     let scale = 0.125;
-    for isa in supported_isas() {
+    for ((keys, layout), isa) in layouts(&k, bs).into_iter().flat_map(|l| {
+        supported_isas()
+            .into_iter()
+            .map(move |isa| (l.clone(), isa))
+    }) {
         let run = |q: &Tensor, seqs: &[PagedSeq]| -> Vec<Vec<f32>> {
-            paged_attention_with_isa(q, &k, &v, seqs, bs, kv, scale, isa)
+            paged_attention_with_isa(q, &keys, &v, seqs, bs, layout, kv, scale, isa)
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap()
@@ -274,7 +330,10 @@ fn paged_long_rows_do_not_depend_on_the_batch() {
         for p in 520..600 {
             chunked.extend(run(&q.narrow(0, p, 1).unwrap(), &[seq(0, p, 1)]));
         }
-        assert_eq!(whole, chunked, "{isa}: chunking changed the result");
+        assert_eq!(
+            whole, chunked,
+            "{isa} {layout:?}: chunking changed the result"
+        );
         // The last decode beside eight others (enough items that none is split).
         let others = Tensor::randn(0f32, 1.0, (8, h, d), &Device::Cpu).unwrap();
         let batch_q = Tensor::cat(&[&others, &q.narrow(0, 599, 1).unwrap()], 0).unwrap();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use ember_kernels::PagedSeq;
+use ember_kernels::{KvLayout, PagedSeq};
 
 use crate::batch::{Batch, SeqSlice};
 use crate::config::ModelConfig;
@@ -127,7 +127,9 @@ impl KvCache for ContiguousKvCache {
 /// kv_heads * head_dim); a token at position `p` of a sequence lives in slot
 /// `table[p / block_size] * block_size + p % block_size`. Block tables come from the engine's
 /// block manager through [`PagedKvCache::prepare`] before each forward pass; attention reads
-/// the blocks where they lie ([`ember_kernels::paged_attention`]).
+/// the blocks where they lie ([`ember_kernels::paged_attention`]). On CPU the keys of each
+/// block are stored transposed ([`KvLayout::Columns`]: one vector load = one dimension of 16
+/// keys); values, and keys on other devices, are rows.
 #[derive(Debug)]
 pub struct PagedKvCache {
     block_size: usize,
@@ -135,6 +137,7 @@ pub struct PagedKvCache {
     num_kv_heads: usize,
     head_dim: usize,
     dtype: DType,
+    key_layout: KvLayout,
     layers: Vec<(Tensor, Tensor)>,
     /// This step's block table of each sequence, in batch order.
     tables: Vec<Vec<u32>>,
@@ -175,6 +178,11 @@ impl PagedKvCache {
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             dtype,
+            key_layout: if device.is_cpu() {
+                KvLayout::Columns { block_size }
+            } else {
+                KvLayout::Rows
+            },
             layers,
             tables: Vec::new(),
             write_slots: Vec::new(),
@@ -242,8 +250,19 @@ impl KvCache for PagedKvCache {
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
         let width = self.num_kv_heads * self.head_dim;
         let tokens = self.write_slots.len();
-        ember_kernels::write_kv(k_cache, &k.reshape((tokens, width))?, &self.write_slots)?;
-        ember_kernels::write_kv(v_cache, &v.reshape((tokens, width))?, &self.write_slots)?;
+        let (keys, values) = (self.key_layout, KvLayout::Rows);
+        ember_kernels::write_kv(
+            k_cache,
+            &k.reshape((tokens, width))?,
+            &self.write_slots,
+            keys,
+        )?;
+        ember_kernels::write_kv(
+            v_cache,
+            &v.reshape((tokens, width))?,
+            &self.write_slots,
+            values,
+        )?;
         let seqs: Vec<PagedSeq> = batch
             .seqs
             .iter()
@@ -260,6 +279,7 @@ impl KvCache for PagedKvCache {
             v_cache,
             &seqs,
             self.block_size,
+            self.key_layout,
             self.num_kv_heads,
             scale,
         )

@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elem::{contiguous, Store, Widen};
+use crate::KvLayout;
 use crate::{cpu_isa, Isa};
 
 /// One sequence's share of the step.
@@ -40,6 +41,8 @@ struct Shape4 {
     head_dim: usize,
     block_size: usize,
     scale: f32,
+    /// Keys in [`KvLayout::Columns`] (values are always rows).
+    key_columns: bool,
 }
 
 /// Row operations of one instruction-set path over a cache element type `T`.
@@ -111,25 +114,30 @@ trait RowOps<T> {
     /// # Safety
     /// The path's CPU features are enabled.
     unsafe fn exp_sum(x: &mut [f32], max: f32) -> f32;
-    /// One partition of one unit (see [`partition_general`], the default).
+    /// Scores of `group` query heads (`q`: group × d) against `m` ≤ [`CHUNK`] consecutive keys
+    /// of a [`KvLayout::Columns`] block: dimension c of key i at `kt + c · bs + i`.
+    /// `out[h · stride + i] = scale · Σ_c q[h · d + c] · k_c,i`.
     ///
     /// # Safety
-    /// As [`partition_general`].
+    /// The reads stay inside the block (i < m, c < d); `out` has room for every head; the
+    /// path's features are enabled.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn partition(
-        s: Shape4,
-        q: &[f32],
-        rows: &[usize],
-        k: *const T,
-        v: *const T,
-        scores: &mut Vec<f32>,
-        part: &mut [f32],
+    unsafe fn chunk_scores(
+        q: *const f32,
+        kt: *const T,
+        bs: usize,
+        m: usize,
+        group: usize,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+        stride: usize,
     ) where
-        Self: Sized,
+        T: Widen,
     {
         // SAFETY: as the caller guarantees.
-        unsafe { partition_general::<T, Self>(s, q, rows, k, v, scores, part) }
+        unsafe { chunk_scores_scalar(q, kt, bs, m, group, d, scale, out, stride) }
     }
 }
 
@@ -212,6 +220,8 @@ struct Scratch {
     rows: Vec<usize>,
     /// An item's partials, when one thread runs all its partitions.
     parts: Vec<f32>,
+    /// Per block of the partition: its offset in the cache, first and end offset in it.
+    keys: Vec<(usize, usize, usize)>,
 }
 
 /// A partition's result for each of the group's heads, laid out as one slice of
@@ -242,8 +252,6 @@ unsafe fn partition_general<T, R: RowOps<T>>(
     let (d, group, n) = (s.head_dim, s.heads / s.kv_heads, rows.len());
     scores.clear();
     scores.resize(group * n, 0.0);
-    let (ml, o) = part.split_at_mut(2 * group);
-    o.fill(0.0);
     let row_bytes = d * std::mem::size_of::<T>();
     // SAFETY (whole body): as the caller guarantees; scores hold group × n values.
     unsafe {
@@ -266,14 +274,72 @@ unsafe fn partition_general<T, R: RowOps<T>>(
                 n,
             );
         }
-        // 2. Softmax numerators per head (exact max, then exp and sum in the path's order).
+        // 2-3. Softmax numerators and the weighted sum of values.
+        softmax_values::<T, R>(s, rows, v, scores, part);
+    }
+}
+
+/// Keys scored together from a [`KvLayout::Columns`] block (one AVX-512 vector).
+const CHUNK: usize = 16;
+
+/// [`RowOps::chunk_scores`] one key and head at a time: each score a sequential sum over c.
+///
+/// # Safety
+/// As [`RowOps::chunk_scores`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_scores_scalar<T: Widen>(
+    q: *const f32,
+    kt: *const T,
+    bs: usize,
+    m: usize,
+    group: usize,
+    d: usize,
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        for h in 0..group {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for c in 0..d {
+                    acc += *q.add(h * d + c) * (*kt.add(c * bs + i)).widen();
+                }
+                *out.add(h * stride + i) = acc * scale;
+            }
+        }
+    }
+}
+
+/// Softmax numerators of head-major scores (`scores`: group × n) and the weighted sum of the
+/// value rows: writes the partial (see [`partial_len`]).
+///
+/// # Safety
+/// As [`partition_general`].
+#[inline(always)]
+unsafe fn softmax_values<T, R: RowOps<T>>(
+    s: Shape4,
+    rows: &[usize],
+    v: *const T,
+    scores: &mut [f32],
+    part: &mut [f32],
+) {
+    let (d, group, n) = (s.head_dim, s.heads / s.kv_heads, rows.len());
+    let (ml, o) = part.split_at_mut(2 * group);
+    o.fill(0.0);
+    let row_bytes = d * std::mem::size_of::<T>();
+    // SAFETY (whole body): as the caller guarantees; scores hold group × n values.
+    unsafe {
+        // Exact max, then exp and sum in the path's order.
         for h in 0..group {
             let sc = &mut scores[h * n..(h + 1) * n];
             let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             ml[h] = max;
             ml[group + h] = R::exp_sum(sc, max);
         }
-        // 3. Weighted sum of values, value by value.
+        // Weighted sum of values, value by value.
         R::weighted_sum(
             scores.as_ptr(),
             n,
@@ -291,6 +357,59 @@ unsafe fn partition_general<T, R: RowOps<T>>(
             },
             o.as_mut_ptr(),
         );
+    }
+}
+
+/// [`partition_general`] for keys in [`KvLayout::Columns`]: scores chunk by chunk (up to
+/// [`CHUNK`] keys of one block), then as there. `kg` points at kv head g's first column
+/// (`k + g · d · bs`); `keys` lists, per block the partition touches, the offset of that
+/// block in the cache and the partition's first and last-plus-one offset in it.
+///
+/// # Safety
+/// As [`partition_general`]; every block offset + width · bs lies inside `k`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn partition_columns<T: Widen, R: RowOps<T>>(
+    s: Shape4,
+    q: &[f32],
+    keys: &[(usize, usize, usize)],
+    rows: &[usize],
+    kg: *const T,
+    v: *const T,
+    scores: &mut Vec<f32>,
+    part: &mut [f32],
+) {
+    let (d, group, n, bs) = (s.head_dim, s.heads / s.kv_heads, rows.len(), s.block_size);
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    let block_bytes = d * bs * std::mem::size_of::<T>();
+    // SAFETY (whole body): as the caller guarantees; scores hold group × n values.
+    unsafe {
+        let mut j = 0;
+        for (b, &(base, o0, o1)) in keys.iter().enumerate() {
+            if let Some(&(next, _, _)) = keys.get(b + 1) {
+                R::prefetch(kg.add(next) as *const u8, block_bytes);
+            }
+            let mut o = o0;
+            while o < o1 {
+                let m = (o1 - o).min(CHUNK);
+                let out = scores.as_mut_ptr().add(j);
+                R::chunk_scores(
+                    q.as_ptr(),
+                    kg.add(base + o),
+                    bs,
+                    m,
+                    group,
+                    d,
+                    s.scale,
+                    out,
+                    n,
+                );
+                o += m;
+                j += m;
+            }
+        }
+        softmax_values::<T, R>(s, rows, v, scores, part);
     }
 }
 
@@ -319,7 +438,7 @@ struct Unit<'a> {
 /// blocks whose slots lie inside `k` and `v`; `w.q` holds (g1 - g0) × group × d values
 /// (checked by the caller) and `parts` (g1 - g0) × [`partial_len`].
 #[inline(always)]
-unsafe fn unit<T: Copy, R: RowOps<T>>(
+unsafe fn unit<T: Widen, R: RowOps<T>>(
     s: Shape4,
     u: Unit,
     k: &[T],
@@ -329,25 +448,34 @@ unsafe fn unit<T: Copy, R: RowOps<T>>(
 ) {
     let (d, bs, group) = (s.head_dim, s.block_size, s.heads / s.kv_heads);
     let width = s.kv_heads * d;
-    // Row offsets (of kv head 0) block by block, no division per key.
+    // Row offsets (of kv head 0) block by block, no division per key; for column keys also
+    // each block's offset and the partition's offsets in it.
     w.rows.clear();
+    w.keys.clear();
     let mut p = u.lo;
     while p < u.hi {
         let (b, o) = (p / bs, p % bs);
         let n = (bs - o).min(u.hi - p);
         let base = u.table[b] as usize * bs * width;
         w.rows.extend((o..o + n).map(|o| base + o * width));
+        w.keys.push((base, o, o + n));
         p += n;
     }
     let len = partial_len(group, d);
     for (i, g) in (u.g0..u.g1).enumerate() {
         let q = &w.q[i * group * d..(i + 1) * group * d];
         let part = &mut parts[i * len..(i + 1) * len];
-        // SAFETY: as the caller guarantees (rows from the checked table; kv head g's row
-        // starts g · d into each).
+        // SAFETY: as the caller guarantees (rows and blocks from the checked table; kv head
+        // g's values start g · d into each row, its key columns g · d · bs into each block).
         unsafe {
-            let (kg, vg) = (k.as_ptr().add(g * d), v.as_ptr().add(g * d));
-            R::partition(s, q, &w.rows, kg, vg, &mut w.scores, part)
+            let vg = v.as_ptr().add(g * d);
+            if s.key_columns {
+                let kg = k.as_ptr().add(g * d * bs);
+                partition_columns::<T, R>(s, q, &w.keys, &w.rows, kg, vg, &mut w.scores, part)
+            } else {
+                let kg = k.as_ptr().add(g * d);
+                partition_general::<T, R>(s, q, &w.rows, kg, vg, &mut w.scores, part)
+            }
         }
     }
 }
@@ -650,14 +778,17 @@ impl CustomOp3 for PagedAttention<'_> {
 
 /// Causal attention of `q` (tokens, heads, head_dim) — the queries of `seqs`, in order — over
 /// each sequence's keys and values in the paged caches `k_cache`, `v_cache` (slots, kv_heads ·
-/// head_dim, any shape with that many elements). This step's keys and values must already be
-/// written. Returns (tokens, heads · head_dim) in q's dtype.
+/// head_dim, any shape with that many elements; keys laid out as `key_layout` says, values in
+/// rows). This step's keys and values must already be written. Returns (tokens, heads ·
+/// head_dim) in q's dtype.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     seqs: &[PagedSeq],
     block_size: usize,
+    key_layout: KvLayout,
     num_kv_heads: usize,
     scale: f32,
 ) -> Result<Tensor> {
@@ -667,10 +798,24 @@ pub fn paged_attention(
         v_cache,
         seqs,
         block_size,
+        key_layout,
         num_kv_heads,
         scale,
         cpu_isa(),
     )
+}
+
+/// Whether keys are in columns; an error unless the layout's blocks are the cache's.
+fn key_columns(key_layout: KvLayout, block_size: usize) -> Result<bool> {
+    match key_layout {
+        KvLayout::Rows => Ok(false),
+        KvLayout::Columns { block_size: b } if b == block_size => Ok(true),
+        KvLayout::Columns { block_size: b } => {
+            candle_core::bail!(
+                "paged_attention: key columns of {b} slots in blocks of {block_size}"
+            )
+        }
+    }
 }
 
 /// [`paged_attention`] on a given instruction-set path (tests compare paths).
@@ -681,6 +826,7 @@ pub fn paged_attention_with_isa(
     v_cache: &Tensor,
     seqs: &[PagedSeq],
     block_size: usize,
+    key_layout: KvLayout,
     num_kv_heads: usize,
     scale: f32,
     isa: Isa,
@@ -690,8 +836,18 @@ pub fn paged_attention_with_isa(
     if block_size == 0 {
         candle_core::bail!("paged_attention: block size 0");
     }
+    let key_columns = key_columns(key_layout, block_size)?;
     if !q.device().is_cpu() {
-        return paged_attention_ref(q, k_cache, v_cache, seqs, block_size, num_kv_heads, scale);
+        return paged_attention_ref(
+            q,
+            k_cache,
+            v_cache,
+            seqs,
+            block_size,
+            key_layout,
+            num_kv_heads,
+            scale,
+        );
     }
     let op = PagedAttention {
         seqs,
@@ -701,6 +857,7 @@ pub fn paged_attention_with_isa(
             head_dim,
             block_size,
             scale,
+            key_columns,
         },
         isa,
     };
@@ -708,19 +865,30 @@ pub fn paged_attention_with_isa(
         .apply_op3_no_bwd(&k_cache.contiguous()?, &v_cache.contiguous()?, &op)
 }
 
-/// Plain-candle reference of [`paged_attention`]: gathers each sequence's context and runs
-/// [`crate::causal_attention_ref`].
+/// Plain-candle reference of [`paged_attention`]: gathers each sequence's context (keys in
+/// columns turned back into rows first) and runs [`crate::causal_attention_ref`].
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention_ref(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     seqs: &[PagedSeq],
     block_size: usize,
+    key_layout: KvLayout,
     num_kv_heads: usize,
     scale: f32,
 ) -> Result<Tensor> {
     let (_, _, d) = q.dims3()?;
-    let k_all = k_cache.reshape(((), num_kv_heads, d))?;
+    let width = num_kv_heads * d;
+    let k_rows = if key_columns(key_layout, block_size)? {
+        k_cache
+            .reshape(((), width, block_size))?
+            .transpose(1, 2)?
+            .contiguous()?
+    } else {
+        k_cache.clone()
+    };
+    let k_all = k_rows.reshape(((), num_kv_heads, d))?;
     let v_all = v_cache.reshape(((), num_kv_heads, d))?;
     let mut outs = Vec::with_capacity(seqs.len());
     let mut offset = 0;
@@ -763,5 +931,5 @@ pub fn causal_attention(
         num_tokens: n,
         block_table: &table,
     }];
-    paged_attention(q, k, v, &seqs, ctx.max(1), kv, scale)
+    paged_attention(q, k, v, &seqs, ctx.max(1), KvLayout::Rows, kv, scale)
 }

@@ -3,8 +3,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{partition_general, RowOps, Shape4, AHEAD};
+use super::{chunk_scores_scalar, RowOps};
 use crate::elem::x86::{Load16, Load8};
+use crate::elem::Widen;
 
 // exp(x) for x <= 0 (softmax numerators), Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2,
 // a degree-7 polynomial for e^r, times 2^n. About 1 ulp; inputs below -87.3 (AVX2) or -103
@@ -77,18 +78,6 @@ unsafe fn exp16(x: __m512) -> __m512 {
 /// AVX-512F must be enabled in the caller.
 #[inline(always)]
 unsafe fn reduce16(v: &[__m512; 16]) -> [f32; 16] {
-    let mut sums = [0f32; 16];
-    // SAFETY: AVX-512F is enabled in every caller; `sums` has room for 16 values.
-    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16v(v)) };
-    sums
-}
-
-/// [`reduce16`] as a vector.
-///
-/// # Safety
-/// AVX-512F must be enabled in the caller.
-#[inline(always)]
-unsafe fn reduce16v(v: &[__m512; 16]) -> __m512 {
     // SAFETY: AVX-512F is enabled in every caller; the shuffles only move lanes.
     unsafe {
         // 16 vectors × 16 lanes -> 8 × (2 sources × 8 lanes): a 256-bit half plus the other.
@@ -118,151 +107,20 @@ unsafe fn reduce16v(v: &[__m512; 16]) -> __m512 {
         // -> 16 sums: the two remaining lanes of each source.
         let even = _mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]);
         let odd = _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]);
-        _mm512_add_ps(even, odd)
-    }
-}
-
-/// One partition for `group` ≤ GS heads (GS = 1, 2, 4, 8 or 16) and head dims of 64k, with
-/// scores in key-major order: key j's score for head h at `sc[j · GS + h]`, so one vector
-/// holds the scores of 16 / GS keys. The accumulators of those keys' dot products stay in
-/// registers and one shuffle tree reduces all 16; softmax and the weighted sum then run on
-/// whole vectors. Each key and value row is widened once for the whole group (values once
-/// per 4 heads, the later passes from L1). Writes the partial as
-/// [`super::partition_general`] does.
-///
-/// # Safety
-/// AVX-512 F/BW/VL are enabled; d % 64 == 0; group ≤ GS; every row offset + d lies inside
-/// `k` and `v`; `q` holds group × d values and `part` group × (2 + d).
-#[inline(always)]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-unsafe fn partition_kmajor<T: Load16, const GS: usize>(
-    group: usize,
-    d: usize,
-    scale: f32,
-    q: &[f32],
-    rows: &[usize],
-    k: *const T,
-    v: *const T,
-    sc: &mut Vec<f32>,
-    part: &mut [f32],
-) {
-    let kpr = 16 / GS;
-    let n = rows.len();
-    let nv = n.div_ceil(kpr);
-    sc.clear();
-    sc.resize(nv * 16, 0.0);
-    let row_bytes = d * std::mem::size_of::<T>();
-    let head_lanes = (0..16)
-        .filter(|i| i % GS < group)
-        .fold(0u16, |m, i| m | 1 << i);
-    // Lanes of vector b that hold a score: heads below group, keys below n.
-    let valid = |b: usize| -> __mmask16 {
-        let lanes = (n - b * kpr).min(kpr) * GS;
-        head_lanes & ((1u32 << lanes) - 1) as u16
-    };
-    let (ml, o) = part.split_at_mut(2 * group);
-    // SAFETY (whole body): as the caller guarantees; sc holds nv × 16 values, rows are read
-    // below n, q below group × d.
-    unsafe {
-        let qp = q.as_ptr();
-        let scv = _mm512_set1_ps(scale);
-        // 1. Scores. The value rows are prefetched here too, for step 3.
-        for b in 0..nv {
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for kk in 0..kpr {
-                let j = b * kpr + kk;
-                if j >= n {
-                    break;
-                }
-                if j + AHEAD < n {
-                    let ahead = *rows.get_unchecked(j + AHEAD);
-                    <Avx512Ops as RowOps<T>>::prefetch(k.add(ahead) as *const u8, row_bytes);
-                    <Avx512Ops as RowOps<T>>::prefetch(v.add(ahead) as *const u8, row_bytes);
-                }
-                let kr = k.add(*rows.get_unchecked(j));
-                for c0 in (0..d).step_by(64) {
-                    let kv = [
-                        T::load16(kr.add(c0)),
-                        T::load16(kr.add(c0 + 16)),
-                        T::load16(kr.add(c0 + 32)),
-                        T::load16(kr.add(c0 + 48)),
-                    ];
-                    for h in 0..GS {
-                        if h < group {
-                            let slot = kk * GS + h;
-                            let at = (slot % 4) * 4 + slot / 4;
-                            let qh = qp.add(h * d + c0);
-                            let mut a = acc[at];
-                            for (x, &kx) in kv.iter().enumerate() {
-                                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(16 * x)), kx, a);
-                            }
-                            acc[at] = a;
-                        }
-                    }
-                }
-            }
-            _mm512_storeu_ps(
-                sc.as_mut_ptr().add(16 * b),
-                _mm512_mul_ps(reduce16v(&acc), scv),
-            );
-        }
-        // 2. Softmax numerators: the max of each head, then exp and per-lane sums in key
-        // order, folded per head in lane order.
-        let p = sc.as_mut_ptr();
-        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-        for b in 0..nv {
-            vmax = _mm512_mask_max_ps(vmax, valid(b), vmax, _mm512_loadu_ps(p.add(16 * b)));
-        }
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), vmax);
-        let mut max = [f32::NEG_INFINITY; GS];
-        for (i, &x) in lanes.iter().enumerate() {
-            max[i % GS] = max[i % GS].max(x);
-        }
-        let mut per_lane = [0f32; 16];
-        for (i, m) in per_lane.iter_mut().enumerate() {
-            if i % GS < group {
-                *m = max[i % GS];
-            }
-        }
-        let mv = _mm512_loadu_ps(per_lane.as_ptr());
-        let mut vsum = _mm512_setzero_ps();
-        for b in 0..nv {
-            let x = _mm512_loadu_ps(p.add(16 * b));
-            let e = _mm512_maskz_mov_ps(valid(b), exp16(_mm512_sub_ps(x, mv)));
-            _mm512_storeu_ps(p.add(16 * b), e);
-            vsum = _mm512_add_ps(vsum, e);
-        }
-        _mm512_storeu_ps(lanes.as_mut_ptr(), vsum);
-        for h in 0..group {
-            ml[h] = max[h];
-            ml[group + h] = (h..16).step_by(GS).map(|i| lanes[i]).sum();
-        }
-        // 3. Weighted sums of the value rows, 4 heads at a time.
-        let row = |j: usize| v.add(*rows.get_unchecked(j));
-        let (p, o) = (sc.as_ptr(), o.as_mut_ptr());
-        for h0 in (0..group).step_by(4) {
-            let at = |hh: usize| (p.add(h0 + hh), o.add((h0 + hh) * d));
-            match group - h0 {
-                1 => ws_tile::<T, _, 1>([at(0)], GS, n, d, &row),
-                2 => ws_tile::<T, _, 2>([at(0), at(1)], GS, n, d, &row),
-                3 => ws_tile::<T, _, 3>([at(0), at(1), at(2)], GS, n, d, &row),
-                _ => ws_tile::<T, _, 4>([at(0), at(1), at(2), at(3)], GS, n, d, &row),
-            }
-        }
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_add_ps(even, odd));
+        sums
     }
 }
 
 /// `HN` heads' weighted sums over the value rows, 64 dimensions at a time (d % 64 == 0):
-/// `heads[h] = (p, out row)`, head h's weight of row j at `p + j · pstep`; each output
-/// accumulates over j in order (fma).
+/// `heads[h] = (p row, out row)`; each output accumulates over j in order (fma).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL are enabled; p holds (ctx - 1) · pstep + 1 values, out rows d, value rows d.
+/// AVX-512 F/BW/VL are enabled; p rows hold ctx values, out rows d, value rows d.
 #[inline(always)]
 unsafe fn ws_tile<T: Load16, F: Fn(usize) -> *const T, const HN: usize>(
     heads: [(*const f32, *mut f32); HN],
-    pstep: usize,
     ctx: usize,
     d: usize,
     row: &F,
@@ -280,7 +138,7 @@ unsafe fn ws_tile<T: Load16, F: Fn(usize) -> *const T, const HN: usize>(
                     T::load16(vr.add(48)),
                 ];
                 for (a, &(p, _)) in acc.iter_mut().zip(&heads) {
-                    let pb = _mm512_set1_ps(*p.add(j * pstep));
+                    let pb = _mm512_set1_ps(*p.add(j));
                     for (ax, &vx) in a.iter_mut().zip(&vv) {
                         *ax = _mm512_fmadd_ps(pb, vx, *ax);
                     }
@@ -295,9 +153,125 @@ unsafe fn ws_tile<T: Load16, F: Fn(usize) -> *const T, const HN: usize>(
     }
 }
 
+/// Scores of `HN` heads against up to 16 keys in columns (lanes = keys, `mask` the keys
+/// present): per head two accumulators, over even and over odd dimensions (two dependency
+/// chains per head), added at the end.
+///
+/// # Safety
+/// AVX-512 F/BW/VL are enabled; q holds HN × d values; key column c of the chunk at
+/// `kt + c · bs` has the masked lanes readable; out rows (stride apart) have 16 slots.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn columns_tile16<T: Load16, const HN: usize>(
+    q: *const f32,
+    kt: *const T,
+    bs: usize,
+    mask: __mmask16,
+    d: usize,
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let mut a = [[_mm512_setzero_ps(); 2]; HN];
+        let mut c = 0;
+        while c + 2 <= d {
+            let k0 = T::load16_masked(kt.add(c * bs), mask);
+            let k1 = T::load16_masked(kt.add((c + 1) * bs), mask);
+            for h in 0..HN {
+                let qh = q.add(h * d + c);
+                a[h][0] = _mm512_fmadd_ps(_mm512_set1_ps(*qh), k0, a[h][0]);
+                a[h][1] = _mm512_fmadd_ps(_mm512_set1_ps(*qh.add(1)), k1, a[h][1]);
+            }
+            c += 2;
+        }
+        if c < d {
+            let k0 = T::load16_masked(kt.add(c * bs), mask);
+            for h in 0..HN {
+                a[h][0] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * d + c)), k0, a[h][0]);
+            }
+        }
+        let sv = _mm512_set1_ps(scale);
+        for h in 0..HN {
+            let x = _mm512_mul_ps(_mm512_add_ps(a[h][0], a[h][1]), sv);
+            _mm512_mask_storeu_ps(out.add(h * stride), mask, x);
+        }
+    }
+}
+
+/// [`columns_tile16`] for AVX2: 16 keys as two 8-lane halves, one accumulator per head and
+/// half, all 16 keys present.
+///
+/// # Safety
+/// AVX2/FMA/F16C are enabled; as [`columns_tile16`] with every lane readable.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn columns_tile8x2<T: Load8, const HN: usize>(
+    q: *const f32,
+    kt: *const T,
+    bs: usize,
+    d: usize,
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let mut a = [[_mm256_setzero_ps(); 2]; HN];
+        for c in 0..d {
+            let k0 = T::load8(kt.add(c * bs));
+            let k1 = T::load8(kt.add(c * bs + 8));
+            for h in 0..HN {
+                let qb = _mm256_set1_ps(*q.add(h * d + c));
+                a[h][0] = _mm256_fmadd_ps(qb, k0, a[h][0]);
+                a[h][1] = _mm256_fmadd_ps(qb, k1, a[h][1]);
+            }
+        }
+        let sv = _mm256_set1_ps(scale);
+        for h in 0..HN {
+            _mm256_storeu_ps(out.add(h * stride), _mm256_mul_ps(a[h][0], sv));
+            _mm256_storeu_ps(out.add(h * stride + 8), _mm256_mul_ps(a[h][1], sv));
+        }
+    }
+}
+
 pub(super) struct Avx2Ops;
 
 impl<T: Load8> RowOps<T> for Avx2Ops {
+    /// Whole chunks of 16 keys in vectors, 4 heads at a time; a partial chunk (the end of a
+    /// context) one score at a time.
+    #[inline(always)]
+    unsafe fn chunk_scores(
+        q: *const f32,
+        kt: *const T,
+        bs: usize,
+        m: usize,
+        group: usize,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+        stride: usize,
+    ) where
+        T: Widen,
+    {
+        // SAFETY: as the caller guarantees; each tile's heads lie below group.
+        unsafe {
+            if m != 16 {
+                return chunk_scores_scalar(q, kt, bs, m, group, d, scale, out, stride);
+            }
+            for h0 in (0..group).step_by(4) {
+                let (qh, oh) = (q.add(h0 * d), out.add(h0 * stride));
+                match group - h0 {
+                    1 => columns_tile8x2::<T, 1>(qh, kt, bs, d, scale, oh, stride),
+                    2 => columns_tile8x2::<T, 2>(qh, kt, bs, d, scale, oh, stride),
+                    3 => columns_tile8x2::<T, 3>(qh, kt, bs, d, scale, oh, stride),
+                    _ => columns_tile8x2::<T, 4>(qh, kt, bs, d, scale, oh, stride),
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     fn prefetch(p: *const u8, bytes: usize) {
         for off in (0..bytes).step_by(64) {
@@ -378,30 +352,42 @@ impl<T: Load8> RowOps<T> for Avx2Ops {
 pub(super) struct Avx512Ops;
 
 impl<T: Load16> RowOps<T> for Avx512Ops {
-    /// Groups of up to 16 heads with head dims of 64k take [`partition_kmajor`].
+    /// Up to 16 keys in one vector (masked), 8 heads at a time.
     #[inline(always)]
-    unsafe fn partition(
-        s: Shape4,
-        q: &[f32],
-        rows: &[usize],
-        k: *const T,
-        v: *const T,
-        scores: &mut Vec<f32>,
-        part: &mut [f32],
-    ) {
-        let (d, group, scale) = (s.head_dim, s.heads / s.kv_heads, s.scale);
-        // SAFETY: as the caller guarantees; each arm's group fits its GS.
+    unsafe fn chunk_scores(
+        q: *const f32,
+        kt: *const T,
+        bs: usize,
+        m: usize,
+        group: usize,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+        stride: usize,
+    ) where
+        T: Widen,
+    {
+        let mask = ((1u32 << m.min(16)) - 1) as __mmask16;
+        // SAFETY: as the caller guarantees (m ≤ 16 keys, masked); each tile's heads lie
+        // below group.
         unsafe {
-            if !d.is_multiple_of(64) {
-                return partition_general::<T, Self>(s, q, rows, k, v, scores, part);
-            }
-            match group {
-                1 => partition_kmajor::<T, 1>(group, d, scale, q, rows, k, v, scores, part),
-                2 => partition_kmajor::<T, 2>(group, d, scale, q, rows, k, v, scores, part),
-                3 | 4 => partition_kmajor::<T, 4>(group, d, scale, q, rows, k, v, scores, part),
-                5..=8 => partition_kmajor::<T, 8>(group, d, scale, q, rows, k, v, scores, part),
-                9..=16 => partition_kmajor::<T, 16>(group, d, scale, q, rows, k, v, scores, part),
-                _ => partition_general::<T, Self>(s, q, rows, k, v, scores, part),
+            for h0 in (0..group).step_by(8) {
+                let (qh, oh) = (q.add(h0 * d), out.add(h0 * stride));
+                macro_rules! tile {
+                    ($hn:literal) => {
+                        columns_tile16::<T, $hn>(qh, kt, bs, mask, d, scale, oh, stride)
+                    };
+                }
+                match group - h0 {
+                    1 => tile!(1),
+                    2 => tile!(2),
+                    3 => tile!(3),
+                    4 => tile!(4),
+                    5 => tile!(5),
+                    6 => tile!(6),
+                    7 => tile!(7),
+                    _ => tile!(8),
+                }
             }
         }
     }
@@ -541,10 +527,10 @@ impl<T: Load16> RowOps<T> for Avx512Ops {
                 for h0 in (0..group).step_by(4) {
                     let at = |hh: usize| (p.add((h0 + hh) * stride), out.add((h0 + hh) * d));
                     match group - h0 {
-                        1 => ws_tile::<T, F, 1>([at(0)], 1, ctx, d, &row),
-                        2 => ws_tile::<T, F, 2>([at(0), at(1)], 1, ctx, d, &row),
-                        3 => ws_tile::<T, F, 3>([at(0), at(1), at(2)], 1, ctx, d, &row),
-                        _ => ws_tile::<T, F, 4>([at(0), at(1), at(2), at(3)], 1, ctx, d, &row),
+                        1 => ws_tile::<T, F, 1>([at(0)], ctx, d, &row),
+                        2 => ws_tile::<T, F, 2>([at(0), at(1)], ctx, d, &row),
+                        3 => ws_tile::<T, F, 3>([at(0), at(1), at(2)], ctx, d, &row),
+                        _ => ws_tile::<T, F, 4>([at(0), at(1), at(2), at(3)], ctx, d, &row),
                     }
                 }
                 return;
