@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor}
 use half::{bf16, f16};
 
 use crate::elem::{contiguous, Store, Widen};
+use crate::mem::Zeroed;
 
 /// How a paged cache (slots, width) of blocks of slots lays out its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,67 +157,19 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &[u32], layout: KvLayout) -
 /// A zero-filled CPU tensor whose pages the OS maps only when first written (the allocation
 /// asks for zeroed memory instead of writing zeros), so a large KV cache costs no start-up time
 /// and only the memory its sequences use (in steps of 2 MB huge pages where Linux grants them,
-/// see `advise_huge`). Other devices: `Tensor::zeros`.
+/// see `mem.rs`). Other devices: `Tensor::zeros`.
 pub fn zeros_lazy(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
     let n = shape.0 * shape.1;
     if !device.is_cpu() {
         return Tensor::zeros(shape, dtype, device);
     }
     match dtype {
-        DType::F32 => {
-            let v = vec![0f32; n];
-            advise_huge(&v);
-            Tensor::from_vec(v, shape, device)
-        }
-        DType::BF16 => Tensor::from_vec(halves_zeroed::<bf16>(n), shape, device),
-        DType::F16 => Tensor::from_vec(halves_zeroed::<f16>(n), shape, device),
+        DType::F32 => Tensor::from_vec(f32::zeroed_vec(n), shape, device),
+        DType::BF16 => Tensor::from_vec(bf16::zeroed_vec(n), shape, device),
+        DType::F16 => Tensor::from_vec(f16::zeroed_vec(n), shape, device),
         other => Tensor::zeros(shape, other, device),
     }
 }
-
-/// Asks Linux to back `v`'s memory with transparent huge pages (where THP is in `madvise`
-/// mode, the common default, nothing else does). Call before the memory is first touched. A
-/// KV cache is read one 16-slot block (a few KB) at a time from scattered places: with 4 KB
-/// pages nearly every block read is a TLB miss. A hint only: failures are ignored.
-fn advise_huge<T>(v: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = v.as_ptr() as usize;
-        let end = start + std::mem::size_of_val(v);
-        let aligned = start.div_ceil(PAGE) * PAGE;
-        if end > aligned + (2 << 20) {
-            // SAFETY: madvise only changes how the kernel backs this range, which lies inside
-            // `v`'s allocation (rounded inward to whole pages); it does not touch the contents.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    (end - aligned) / PAGE * PAGE,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = v;
-}
-
-/// `n` zeros of a 16-bit float type from a zeroed allocation of u16 (which the allocator can
-/// hand out as untouched pages).
-fn halves_zeroed<T: HalfBits>(n: usize) -> Vec<T> {
-    let raw = std::mem::ManuallyDrop::new(vec![0u16; n]);
-    advise_huge(&raw);
-    let (ptr, len, cap) = (raw.as_ptr() as *mut u16, raw.len(), raw.capacity());
-    // SAFETY: T is a #[repr(transparent)] wrapper of u16 (same size and alignment, every bit
-    // pattern valid, all-zero bits = +0.0); the allocation is handed over whole, with its length
-    // and capacity, from a Vec<u16> that will not free it (ManuallyDrop).
-    unsafe { Vec::from_raw_parts(ptr as *mut T, len, cap) }
-}
-
-/// 16-bit floats that are `#[repr(transparent)]` over u16.
-trait HalfBits {}
-impl HalfBits for bf16 {}
-impl HalfBits for f16 {}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ mod elem;
 mod isa;
 mod kv_write;
 mod linear;
+mod mem;
 mod packed;
 mod paged_attention;
 mod pool;

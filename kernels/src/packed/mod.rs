@@ -30,7 +30,7 @@ pub(crate) const PANEL: usize = 16;
 const PANELS_PER_TASK: usize = 4;
 
 /// A weight element type and its panel layout.
-pub(crate) trait PanelElem: Widen + Store + Default {
+pub(crate) trait PanelElem: Widen + Store + Default + crate::mem::Zeroed {
     /// Whether k pairs share a 32-bit lane (bf16) or each k step is a row of 16 (f32, f16).
     const PAIRED: bool;
 
@@ -82,19 +82,21 @@ pub struct PackedWeight {
     data: Data,
 }
 
-fn pack<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
+/// Packs the rows of `parts` (each row-major, rows of `k`), one after another: n rows in all.
+fn pack<T: PanelElem>(parts: &[&[T]], n: usize, k: usize) -> Vec<T> {
     let kp = T::padded_k(k);
     let panels = n.div_ceil(PANEL);
-    let mut out = vec![T::default(); panels * PANEL * kp];
+    let rows: Vec<&[T]> = parts.iter().flat_map(|p| p.chunks_exact(k)).collect();
+    // Untouched zero pages (huge where granted), written once below: start-up time.
+    let mut out = T::zeroed_vec(panels * PANEL * kp);
     out.par_chunks_mut(PANEL * kp)
         .enumerate()
         .for_each(|(p, panel)| {
             // Column by column, so the panel is written in order while 16 rows are read.
-            let rows = &w[p * PANEL * k..((p + 1) * PANEL).min(n) * k];
-            let num_rows = rows.len() / k;
+            let rows = &rows[p * PANEL..((p + 1) * PANEL).min(n)];
             for c in 0..k {
-                for r in 0..num_rows {
-                    panel[T::offset(r, c)] = rows[r * k + c];
+                for (r, row) in rows.iter().enumerate() {
+                    panel[T::offset(r, c)] = row[c];
                 }
             }
         });
@@ -104,18 +106,58 @@ fn pack<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
 impl PackedWeight {
     /// Packs a (n, k) CPU tensor of f32, bf16 or f16.
     pub fn new(w: &Tensor) -> Result<Self> {
-        let (n, k) = w.dims2()?;
-        let w = w.to_device(&Device::Cpu)?.contiguous()?;
-        // Read the tensor's storage in place: loading copies no weight more than it must.
-        let (storage, layout) = w.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed weights: the tensor is not contiguous");
+        Self::concat(&[w])
+    }
+
+    /// Packs the rows of several (n_i, k) tensors of one dtype, one after another, as one
+    /// (Σ n_i, k) weight — merged projections (q/k/v, gate/up) without a concatenated copy.
+    pub fn concat(parts: &[&Tensor]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            candle_core::bail!("packed weights: nothing to pack");
         };
-        let data = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Data::F32(pack(&v[start..end], n, k)),
-            Storage::Cpu(CpuStorage::BF16(v)) => Data::Bf16(pack(&v[start..end], n, k)),
-            Storage::Cpu(CpuStorage::F16(v)) => Data::F16(pack(&v[start..end], n, k)),
-            _ => candle_core::bail!("packed weights: unsupported dtype {:?}", w.dtype()),
+        let (dtype, k) = (first.dtype(), first.dims2()?.1);
+        let mut n = 0;
+        let mut held = Vec::with_capacity(parts.len());
+        for w in parts {
+            let (rows, cols) = w.dims2()?;
+            if cols != k || w.dtype() != dtype {
+                candle_core::bail!(
+                    "packed weights: parts {:?} {:?} and {:?} {:?} differ",
+                    first.shape(),
+                    dtype,
+                    w.shape(),
+                    w.dtype()
+                );
+            }
+            n += rows;
+            held.push(w.to_device(&Device::Cpu)?.contiguous()?);
+        }
+        // Read the tensors' storage in place: loading copies no weight more than it must.
+        let guards: Vec<_> = held.iter().map(|w| w.storage_and_layout()).collect();
+        let mut ranges = Vec::with_capacity(guards.len());
+        for (_, layout) in &guards {
+            let Some(range) = layout.contiguous_offsets() else {
+                candle_core::bail!("packed weights: a tensor is not contiguous");
+            };
+            ranges.push(range);
+        }
+        macro_rules! slices {
+            ($variant:ident) => {{
+                let mut out = Vec::with_capacity(guards.len());
+                for ((storage, _), &(start, end)) in guards.iter().zip(&ranges) {
+                    match &**storage {
+                        Storage::Cpu(CpuStorage::$variant(v)) => out.push(&v[start..end]),
+                        _ => candle_core::bail!("packed weights: mixed storage"),
+                    }
+                }
+                out
+            }};
+        }
+        let data = match dtype {
+            DType::F32 => Data::F32(pack(&slices!(F32), n, k)),
+            DType::BF16 => Data::Bf16(pack(&slices!(BF16), n, k)),
+            DType::F16 => Data::F16(pack(&slices!(F16), n, k)),
+            other => candle_core::bail!("packed weights: unsupported dtype {other:?}"),
         };
         Ok(Self { n, k, data })
     }
@@ -345,6 +387,41 @@ fn run<K: Kernel, O: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parts packed one after another hold every row where the concatenated tensor would
+    /// (19 + 6 rows: the second part starts inside a panel).
+    #[test]
+    fn concatenated_parts_pack_as_one_weight() {
+        let k = 7;
+        let a: Vec<f32> = (0..19 * k).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..6 * k).map(|i| -(i as f32) - 1.0).collect();
+        let ta = Tensor::from_vec(a.clone(), (19, k), &Device::Cpu).unwrap();
+        let tb = Tensor::from_vec(b.clone(), (6, k), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (ta, tb) = (ta.to_dtype(dtype).unwrap(), tb.to_dtype(dtype).unwrap());
+            let packed = PackedWeight::concat(&[&ta, &tb]).unwrap();
+            assert_eq!((packed.rows(), packed.cols()), (25, k));
+            let ids: Vec<u32> = (0..25).collect();
+            let got = packed
+                .gather_rows(&ids)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (r, row) in got.iter().enumerate() {
+                let want = if r < 19 {
+                    &a[r * k..(r + 1) * k]
+                } else {
+                    &b[(r - 19) * k..(r - 18) * k]
+                };
+                assert_eq!(row[..], want[..], "{dtype:?} row {r}");
+            }
+            let narrow = Tensor::zeros((2, k + 1), dtype, &Device::Cpu).unwrap();
+            assert!(PackedWeight::concat(&[&ta, &narrow]).is_err());
+        }
+        assert!(PackedWeight::concat(&[]).is_err());
+    }
 
     #[test]
     fn layouts_put_each_weight_once_and_gather_back() {

@@ -44,13 +44,9 @@ impl Linear {
         if !weight.device().is_cpu() {
             return Ok(Self::Dense { weight, bias });
         }
-        let bias = match bias {
-            Some(b) => Some(Arc::from(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
-            None => None,
-        };
         Ok(Self::Packed {
             weight: Arc::new(PackedWeight::new(&weight)?),
-            bias,
+            bias: Self::f32_bias(bias)?,
         })
     }
 
@@ -74,13 +70,26 @@ impl Linear {
             .map(|(vb, &out)| load_tensors(vb, in_dim, out, with_bias))
             .collect::<Result<Vec<_>>>()?;
         let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
-        let weight = Tensor::cat(&weights, 0)?;
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
         let bias = match biases {
             Some(b) if with_bias => Some(Tensor::cat(&b, 0)?),
             _ => None,
         };
-        Self::new(weight, bias)
+        match weights.first() {
+            // On CPU the parts are packed in place, one after another (no concatenated copy).
+            Some(w) if w.device().is_cpu() => Ok(Self::Packed {
+                weight: Arc::new(PackedWeight::concat(&weights)?),
+                bias: Self::f32_bias(bias)?,
+            }),
+            _ => Self::new(Tensor::cat(&weights, 0)?, bias),
+        }
+    }
+
+    fn f32_bias(bias: Option<Tensor>) -> Result<Option<Arc<[f32]>>> {
+        match bias {
+            Some(b) => Ok(Some(Arc::from(b.to_dtype(DType::F32)?.to_vec1::<f32>()?))),
+            None => Ok(None),
+        }
     }
 }
 
