@@ -124,10 +124,10 @@ for d in float32 bfloat16; do
         --threads "$THREADS" --decode-tokens "$DECODE_TOKENS" > "$OUT/hf-latency-$d.json"
 done
 
-wait_health() {
-    for _ in $(seq 1 600); do
+wait_health() { # polls every 50 ms (start-up time is one of the measurements), 5 minutes at most
+    for _ in $(seq 1 6000); do
         curl -sf "$1/health" >/dev/null 2>&1 && return 0
-        sleep 0.5
+        sleep 0.05
     done
     echo "server at $1 did not become ready" >&2
     return 1
