@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 /// Element types whose all-zero bit pattern is +0.0 and that can be handed out from a zeroed
 /// allocation.
-pub(crate) trait Zeroed: Copy + Sized {
+pub trait Zeroed: Copy + Sized {
     /// `n` zeros from an allocation the allocator may hand out as untouched, zero pages,
     /// advised for huge pages before anything touches them.
     fn zeroed_vec(n: usize) -> Vec<Self>;

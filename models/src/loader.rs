@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use serde::Deserialize;
@@ -325,8 +327,80 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Q
     let cfg = ModelConfig::from_file(&files.config)?;
     // SAFETY: the safetensors files are mapped read-only; like every mmap-based loader we rely on
     // nobody truncating or rewriting them while the process runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device)? };
+    let tensors = unsafe { MmapedSafetensors::multi(&files.weights)? };
+    let vb = VarBuilder::from_backend(Box::new(HugePageCopies(tensors)), dtype, device.clone());
     Ok(QwenModel::load(&cfg, vb)?)
+}
+
+/// Mapped safetensors whose CPU tensors are copied (one memcpy) into buffers advised for huge
+/// pages ([`ember_kernels::Zeroed`]), instead of candle's copy into fresh 4 KB pages: faulting
+/// in a 0.5B model's weights 4 KB at a time was most of `ember serve`'s start-up. Everything
+/// else (other devices, dtypes, big-endian hosts) loads as candle loads it.
+struct HugePageCopies(MmapedSafetensors);
+
+impl HugePageCopies {
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let view = self.0.get(name)?;
+        let shape = view.shape().to_vec();
+        let bytes = view.data();
+        macro_rules! copy {
+            ($t:ty) => {{
+                let mut v = <$t as ember_kernels::Zeroed>::zeroed_vec(
+                    bytes.len() / std::mem::size_of::<$t>(),
+                );
+                if std::mem::size_of_val(v.as_slice()) != bytes.len() {
+                    candle_core::bail!("{name}: {} bytes for {:?}", bytes.len(), view.dtype());
+                }
+                // SAFETY: `v` owns exactly bytes.len() writable bytes (checked above) and does
+                // not overlap the mapped file; every bit pattern is a valid f32/bf16/f16, and
+                // the file's little-endian layout is the host's (cfg below).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        v.as_mut_ptr() as *mut u8,
+                        bytes.len(),
+                    )
+                };
+                Tensor::from_vec(v, shape, dev)?
+            }};
+        }
+        let tensor = match view.dtype() {
+            _ if !dev.is_cpu() || cfg!(target_endian = "big") => self.0.load(name, dev)?,
+            safetensors::Dtype::F32 => copy!(f32),
+            safetensors::Dtype::BF16 => copy!(half::bf16),
+            safetensors::Dtype::F16 => copy!(half::f16),
+            _ => self.0.load(name, dev)?,
+        };
+        tensor.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for HugePageCopies {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {s:?}, got {:?}",
+                tensor.shape()
+            );
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
 }
 
 #[cfg(test)]
