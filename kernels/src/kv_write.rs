@@ -38,24 +38,22 @@ struct WriteKv<'a> {
     layout: KvLayout,
 }
 
-fn rows_into<S: Widen, D: Store>(
-    dst: &mut [D],
-    src: &[S],
-    slots: &[u32],
-    width: usize,
-    layout: KvLayout,
-) {
-    for (row, &slot) in src.chunks_exact(width).zip(slots) {
-        match layout {
-            KvLayout::Rows => {
-                let at = slot as usize * width;
-                for (d, s) in dst[at..at + width].iter_mut().zip(row) {
-                    *d = D::from_f32(s.widen());
+impl WriteKv<'_> {
+    /// Row i of `src` (rows of `width`) into slot `slots[i]` of `dst`, converted.
+    fn rows_into<S: Widen, D: Store>(&self, dst: &mut [D], src: &[S], width: usize) {
+        for (row, &slot) in src.chunks_exact(width).zip(self.slots) {
+            let slot = slot as usize;
+            match self.layout {
+                KvLayout::Rows => {
+                    let at = slot * width;
+                    for (d, s) in dst[at..at + width].iter_mut().zip(row) {
+                        *d = D::from_f32(s.widen());
+                    }
                 }
-            }
-            KvLayout::Columns { .. } => {
-                for (c, s) in row.iter().enumerate() {
-                    dst[layout.offset(slot as usize, c, width)] = D::from_f32(s.widen());
+                KvLayout::Columns { .. } => {
+                    for (c, s) in row.iter().enumerate() {
+                        dst[self.layout.offset(slot, c, width)] = D::from_f32(s.widen());
+                    }
                 }
             }
         }
@@ -63,29 +61,11 @@ fn rows_into<S: Widen, D: Store>(
 }
 
 macro_rules! from_src {
-    ($dst:expr, $src:expr, $sl:expr, $op:expr, $width:expr) => {
+    ($op:expr, $dst:expr, $src:expr, $sl:expr, $width:expr) => {
         match $src {
-            CpuStorage::F32(s) => rows_into(
-                $dst,
-                contiguous(s, $sl, "write_kv")?,
-                $op.slots,
-                $width,
-                $op.layout,
-            ),
-            CpuStorage::BF16(s) => rows_into(
-                $dst,
-                contiguous(s, $sl, "write_kv")?,
-                $op.slots,
-                $width,
-                $op.layout,
-            ),
-            CpuStorage::F16(s) => rows_into(
-                $dst,
-                contiguous(s, $sl, "write_kv")?,
-                $op.slots,
-                $width,
-                $op.layout,
-            ),
+            CpuStorage::F32(s) => $op.rows_into($dst, contiguous(s, $sl, "write_kv")?, $width),
+            CpuStorage::BF16(s) => $op.rows_into($dst, contiguous(s, $sl, "write_kv")?, $width),
+            CpuStorage::F16(s) => $op.rows_into($dst, contiguous(s, $sl, "write_kv")?, $width),
             other => candle_core::bail!("write_kv: unsupported source dtype {:?}", other.dtype()),
         }
     };
@@ -125,9 +105,9 @@ impl InplaceOp2 for WriteKv<'_> {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("write_kv: cache must be contiguous".into()))?;
         match cache {
-            CpuStorage::F32(c) => from_src!(&mut c[start..end], src, sl, self, width),
-            CpuStorage::BF16(c) => from_src!(&mut c[start..end], src, sl, self, width),
-            CpuStorage::F16(c) => from_src!(&mut c[start..end], src, sl, self, width),
+            CpuStorage::F32(c) => from_src!(self, &mut c[start..end], src, sl, width),
+            CpuStorage::BF16(c) => from_src!(self, &mut c[start..end], src, sl, width),
+            CpuStorage::F16(c) => from_src!(self, &mut c[start..end], src, sl, width),
             other => candle_core::bail!("write_kv: unsupported cache dtype {:?}", other.dtype()),
         }
         Ok(())

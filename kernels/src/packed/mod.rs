@@ -388,6 +388,15 @@ fn run<K: Kernel, O: Store>(
 mod tests {
     use super::*;
 
+    /// Rows `ids` gathered back from `packed`, in f32.
+    fn gathered(packed: &PackedWeight, ids: &[u32]) -> Vec<Vec<f32>> {
+        packed
+            .gather_rows(ids)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("gathered rows")
+    }
+
     /// Parts packed one after another hold every row where the concatenated tensor would
     /// (19 + 6 rows: the second part starts inside a panel).
     #[test]
@@ -402,13 +411,7 @@ mod tests {
             let packed = PackedWeight::concat(&[&ta, &tb]).unwrap();
             assert_eq!((packed.rows(), packed.cols()), (25, k));
             let ids: Vec<u32> = (0..25).collect();
-            let got = packed
-                .gather_rows(&ids)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+            let got = gathered(&packed, &ids);
             for (r, row) in got.iter().enumerate() {
                 let want = if r < 19 {
                     &a[r * k..(r + 1) * k]
@@ -435,13 +438,7 @@ mod tests {
                 (n, k, dtype)
             );
             let ids: Vec<u32> = vec![18, 0, 5, 16];
-            let got = packed
-                .gather_rows(&ids)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+            let got = gathered(&packed, &ids);
             for (row, &id) in got.iter().zip(&ids) {
                 assert_eq!(
                     row[..],
