@@ -1,92 +1,16 @@
-//! Loading a model with its tokenizer and template, and single-sequence generation for
-//! `ember generate`. (The batching engine of the engine issue replaces the loop here for serving.)
+//! Single-sequence generation for `ember generate` (the batching engine serves everything
+//! else).
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use candle_core::DType;
-use ember_models::{
-    eos_token_ids, load_model, resolve, Batch, LogitsRows, PagedKvCache, QwenModel,
-};
-use serde::Deserialize;
-use tokenizers::Tokenizer;
+use anyhow::{anyhow, Result};
+use ember_models::{Batch, LogitsRows, PagedKvCache};
 
-use crate::device::DeviceSpec;
 use crate::engine::detokenizer::Detokenizer;
 use crate::engine::sampler::{Sampler, SamplingParams};
-use crate::template::ChatTemplate;
-
-/// Sampling defaults a checkpoint ships in generation_config.json.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct GenerationDefaults {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-}
-
-pub struct LoadedModel {
-    pub model: QwenModel,
-    /// Shared with the HTTP layer, which tokenizes and renders off the engine thread.
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: Option<Arc<ChatTemplate>>,
-    pub eos_token_ids: Vec<u32>,
-    pub defaults: GenerationDefaults,
-}
-
-fn read_defaults(path: Option<&Path>) -> GenerationDefaults {
-    path.and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default()
-}
+use crate::model::LoadedModel;
 
 impl LoadedModel {
-    pub fn load(
-        model: &str,
-        revision: Option<&str>,
-        device: DeviceSpec,
-        dtype: Option<DType>,
-    ) -> Result<Self> {
-        let files = resolve(model, revision)?;
-        let dtype = dtype.unwrap_or_else(|| device.default_dtype());
-        let dev = device.open()?;
-        // The tokenizer (a ~10 MB JSON to parse, ~0.45 s) loads beside the weights.
-        let (model, tokenizer) = std::thread::scope(|s| -> Result<_> {
-            let tokenizer = s.spawn(|| {
-                Tokenizer::from_file(&files.tokenizer)
-                    .map_err(|e| anyhow!("loading {}: {e}", files.tokenizer.display()))
-            });
-            let model = load_model(&files, dtype, &dev)
-                .with_context(|| format!("loading weights from {}", files.root.display()))?;
-            let tokenizer = tokenizer
-                .join()
-                .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
-            Ok((model, tokenizer))
-        })?;
-        let template = match &files.tokenizer_config {
-            Some(path) => ChatTemplate::from_tokenizer_config(path).ok().map(Arc::new),
-            None => None,
-        };
-        let eos_token_ids = eos_token_ids(&files, model.config())?;
-        Ok(Self {
-            model,
-            tokenizer: Arc::new(tokenizer),
-            template,
-            eos_token_ids,
-            defaults: read_defaults(files.generation_config.as_deref()),
-        })
-    }
-
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
-            .get_ids()
-            .to_vec())
-    }
-
     /// Generates up to `max_tokens` tokens after `prompt`, calling `on_text` with each new
     /// piece of text as soon as it is complete UTF-8 (possibly empty).
     pub fn generate(

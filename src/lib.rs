@@ -7,6 +7,7 @@ pub mod device;
 pub mod engine;
 pub mod generate;
 pub mod metrics;
+pub mod model;
 pub mod parsers;
 pub mod server;
 pub mod template;

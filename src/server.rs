@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 
 use crate::api::{self, AppState, ModelContext};
 use crate::engine::{EngineConfig, EngineHandle};
-use crate::generate::LoadedModel;
+use crate::model::LoadedModel;
 
 /// How long the HTTP server may take to close its connections once draining is over.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);

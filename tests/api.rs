@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ember::api::ApiConfig;
 use ember::engine::{EngineConfig, EngineHandle, ValidRequest};
-use ember::generate::LoadedModel;
+use ember::model::LoadedModel;
 use http::{
     api_config, engine_config, eventually, fixture_dir, get, get_json, open_stream, post, post_raw,
     stream, TestServer, MODEL,

@@ -11,7 +11,7 @@ use ember::engine::{
     EngineConfig, EngineEvent, EngineHandle, FinishReason, KvCacheBudget, RequestStream,
     SamplingParams, ValidRequest,
 };
-use ember::generate::LoadedModel;
+use ember::model::LoadedModel;
 use ember_models::PagedKvCache;
 use serde::Deserialize;
 

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use ember::device::DeviceSpec;
 use ember::engine::sampler::SamplingParams;
-use ember::generate::LoadedModel;
+use ember::model::LoadedModel;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

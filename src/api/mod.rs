@@ -22,8 +22,8 @@ use axum::Router;
 use tokenizers::Tokenizer;
 
 use crate::engine::{EngineHandle, EngineLimits};
-use crate::generate::GenerationDefaults;
 use crate::metrics::Metrics;
+use crate::model::GenerationDefaults;
 use crate::template::ChatTemplate;
 use error::ApiError;
 

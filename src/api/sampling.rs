@@ -3,7 +3,7 @@
 
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{ValidRequest, MAX_TOP_LOGPROBS};
-use crate::generate::GenerationDefaults;
+use crate::model::GenerationDefaults;
 
 use super::error::ApiError;
 use super::types::CommonParams;

@@ -27,7 +27,7 @@ pub use sequence::{SeqId, Sequence};
 pub use stats::EngineStats;
 
 use self::core::{Command, Engine};
-use crate::generate::LoadedModel;
+use crate::model::LoadedModel;
 
 /// Most alternatives per token that logprobs may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -143,6 +143,7 @@ impl EngineHandle {
                 "the KV-cache budget of {budget} bytes holds no block ({per_block} bytes each)"
             );
         }
+        let start = std::time::Instant::now();
         let cache = PagedKvCache::new(&mcfg, num_blocks, cfg.block_size, dtype, model.device())?;
         let limits = EngineLimits {
             max_model_len: model.max_positions(),
@@ -157,6 +158,7 @@ impl EngineHandle {
             max_cache_tokens = limits.max_cache_tokens,
             ?dtype,
             cpu_kernels = %ember_kernels::cpu_isa(),
+            seconds = start.elapsed().as_secs_f32(),
             "KV cache allocated"
         );
         let scheduler = Scheduler::new(

@@ -11,7 +11,7 @@ use candle_core::DType;
 use ember::api::{ApiConfig, AppState};
 use ember::device::DeviceSpec;
 use ember::engine::{EngineConfig, KvCacheBudget};
-use ember::generate::LoadedModel;
+use ember::model::LoadedModel;
 use serde_json::Value as Json;
 
 pub const MODEL: &str = "tiny";
