@@ -215,6 +215,11 @@ pub struct OfflineArgs {
     /// With --latency: decode tok/s after a prompt of each of these lengths (long context).
     #[arg(long, value_delimiter = ',')]
     pub context_lens: Vec<usize>,
+    /// With --context-lens: interleaved rounds over the contexts (each context's rate is its
+    /// tokens over its time, summed over the rounds), so that drift in the machine's speed
+    /// falls on every context alike.
+    #[arg(long, default_value_t = 3)]
+    pub context_rounds: usize,
 }
 
 #[derive(Debug, Args)]
