@@ -92,11 +92,27 @@ fn pack<T: PanelElem>(parts: &[&[T]], n: usize, k: usize) -> Vec<T> {
     out.par_chunks_mut(PANEL * kp)
         .enumerate()
         .for_each(|(p, panel)| {
-            // Column by column, so the panel is written in order while 16 rows are read.
+            // Row by row: each row is read once in order, and the panel (16 rows, at most a few
+            // hundred KB) stays in cache while its lanes fill. A lane holds one k step for 16
+            // rows (f32, f16) or a k pair (bf16).
             let rows = &rows[p * PANEL..((p + 1) * PANEL).min(n)];
-            for c in 0..k {
-                for (r, row) in rows.iter().enumerate() {
-                    panel[T::offset(r, c)] = row[c];
+            for (r, row) in rows.iter().enumerate() {
+                if T::PAIRED {
+                    let mut lanes = panel.chunks_exact_mut(2 * PANEL);
+                    let pairs = row.chunks_exact(2);
+                    let odd = pairs.remainder();
+                    // Pairs first: zip stops on them without taking the odd k's lane.
+                    for (pair, lane) in pairs.zip(&mut lanes) {
+                        lane[2 * r] = pair[0];
+                        lane[2 * r + 1] = pair[1];
+                    }
+                    if let (Some(lane), [last]) = (lanes.next(), odd) {
+                        lane[2 * r] = *last;
+                    }
+                } else {
+                    for (lane, &x) in panel.chunks_exact_mut(PANEL).zip(row.iter()) {
+                        lane[r] = x;
+                    }
                 }
             }
         });
