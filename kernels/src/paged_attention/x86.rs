@@ -236,6 +236,42 @@ unsafe fn columns_tile8x2<T: Load8, const HN: usize>(
     }
 }
 
+/// [`ws_tile`] for AVX2: `HN` heads × 16 dimensions of accumulators (two 8-lane vectors per
+/// head) in registers while the value rows stream by, each row slice widened once for all HN
+/// heads (d % 16 == 0). Each output accumulates over j in order (fma), as [`RowOps::axpy`].
+///
+/// # Safety
+/// AVX2/FMA/F16C are enabled; p rows hold ctx values, out rows d, value rows d.
+#[inline(always)]
+unsafe fn ws_tile8<T: Load8, F: Fn(usize) -> *const T, const HN: usize>(
+    heads: [(*const f32, *mut f32); HN],
+    ctx: usize,
+    d: usize,
+    row: &F,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        for c0 in (0..d).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; HN];
+            for j in 0..ctx {
+                let vr = row(j).add(c0);
+                let vv = [T::load8(vr), T::load8(vr.add(8))];
+                for (a, &(p, _)) in acc.iter_mut().zip(&heads) {
+                    let pb = _mm256_set1_ps(*p.add(j));
+                    for (ax, &vx) in a.iter_mut().zip(&vv) {
+                        *ax = _mm256_fmadd_ps(pb, vx, *ax);
+                    }
+                }
+            }
+            for (a, &(_, o)) in acc.iter().zip(&heads) {
+                for (x, &ax) in a.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(c0 + 8 * x), ax);
+                }
+            }
+        }
+    }
+}
+
 pub(super) struct Avx2Ops;
 
 impl<T: Load8> RowOps<T> for Avx2Ops {
@@ -267,6 +303,41 @@ impl<T: Load8> RowOps<T> for Avx2Ops {
                     2 => columns_tile8x2::<T, 2>(qh, kt, bs, d, scale, oh, stride),
                     3 => columns_tile8x2::<T, 3>(qh, kt, bs, d, scale, oh, stride),
                     _ => columns_tile8x2::<T, 4>(qh, kt, bs, d, scale, oh, stride),
+                }
+            }
+        }
+    }
+
+    /// Up to 4 heads × 16 dimensions of accumulators stay in registers while the value rows
+    /// stream by (d % 16 == 0; otherwise value by value through `axpy`).
+    #[inline(always)]
+    unsafe fn weighted_sum<F: Fn(usize) -> *const T>(
+        p: *const f32,
+        stride: usize,
+        group: usize,
+        ctx: usize,
+        d: usize,
+        row: F,
+        out: *mut f32,
+    ) {
+        // SAFETY: AVX2/FMA/F16C are enabled in every caller; as the trait's contract.
+        unsafe {
+            if !d.is_multiple_of(16) {
+                for j in 0..ctx {
+                    let vr = row(j);
+                    for h in 0..group {
+                        Self::axpy(out.add(h * d), *p.add(h * stride + j), vr, d);
+                    }
+                }
+                return;
+            }
+            for h0 in (0..group).step_by(4) {
+                let at = |hh: usize| (p.add((h0 + hh) * stride), out.add((h0 + hh) * d));
+                match group - h0 {
+                    1 => ws_tile8::<T, F, 1>([at(0)], ctx, d, &row),
+                    2 => ws_tile8::<T, F, 2>([at(0), at(1)], ctx, d, &row),
+                    3 => ws_tile8::<T, F, 3>([at(0), at(1), at(2)], ctx, d, &row),
+                    _ => ws_tile8::<T, F, 4>([at(0), at(1), at(2), at(3)], ctx, d, &row),
                 }
             }
         }
