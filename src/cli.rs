@@ -180,6 +180,24 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_request_bytes: usize,
+    /// Prompts one /v1/completions request may carry.
+    #[arg(long, default_value_t = 64)]
+    pub max_prompts_per_request: usize,
+    /// Sequences one request may start (prompts × n).
+    #[arg(long, default_value_t = 128)]
+    pub max_sequences_per_request: usize,
+    /// Stop strings one request may give.
+    #[arg(long, default_value_t = 16)]
+    pub max_stop_strings: usize,
+    /// Bytes in one stop string.
+    #[arg(long, default_value_t = 256)]
+    pub max_stop_string_bytes: usize,
+    /// Entries of stop_token_ids one request may give.
+    #[arg(long, default_value_t = 64)]
+    pub max_stop_token_ids: usize,
+    /// Entries of logit_bias one request may give.
+    #[arg(long, default_value_t = 1024)]
+    pub max_logit_bias: usize,
     /// Requests that may wait beyond --max-num-seqs before new ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub max_queued_requests: usize,

@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
-use ember::api::{ApiConfig, AppState};
+use ember::api::{ApiConfig, AppState, RequestLimits};
 use ember::bench::{run_latency, run_offline};
 use ember::cli::{
     BenchCommand, Cli, Command, EngineArgs, GenerateArgs, ModelArgs, OfflineArgs, ServeArgs,
@@ -217,6 +217,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_concurrent_requests: args.engine.max_num_seqs + args.max_queued_requests,
         trust_request_chat_template: args.trust_request_chat_template,
         chat_template,
+        limits: RequestLimits {
+            max_prompts: args.max_prompts_per_request,
+            max_sequences: args.max_sequences_per_request,
+            max_stop_strings: args.max_stop_strings,
+            max_stop_string_bytes: args.max_stop_string_bytes,
+            max_stop_token_ids: args.max_stop_token_ids,
+            max_logit_bias: args.max_logit_bias,
+        },
         ..ApiConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

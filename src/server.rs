@@ -13,6 +13,8 @@ use crate::model::LoadedModel;
 
 /// How long the HTTP server may take to close its connections once draining is over.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How often the server checks that the engine thread is alive.
+const ENGINE_CHECK: Duration = Duration::from_millis(100);
 
 /// Loads the model (blocking) and starts the engine thread.
 pub fn start_engine(loaded: LoadedModel, cfg: &EngineConfig) -> Result<ModelContext> {
@@ -43,6 +45,8 @@ pub async fn serve(
     });
     let mut loading = tokio::task::spawn_blocking(load);
     let mut loaded = false;
+    let mut engine_check = tokio::time::interval(ENGINE_CHECK);
+    let mut engine_failed = false;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -61,6 +65,13 @@ pub async fn serve(
                         let _ = stop_tx.send(());
                         return Err(anyhow!("model loading panicked: {e}"));
                     }
+                }
+            }
+            _ = engine_check.tick(), if loaded => {
+                if state.engine_failed() {
+                    eprintln!("ember: the engine has stopped; draining, then exiting with an error");
+                    engine_failed = true;
+                    break;
                 }
             }
             _ = &mut shutdown => break,
@@ -82,7 +93,11 @@ pub async fn serve(
         );
     }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(CLOSE_GRACE, server).await {
+    let closed = tokio::time::timeout(CLOSE_GRACE, server).await;
+    if engine_failed {
+        return Err(anyhow!("the engine stopped (see the log above)"));
+    }
+    match closed {
         Ok(Ok(Err(e))) => Err(e.into()),
         _ => Ok(()),
     }

@@ -21,6 +21,16 @@ pub fn key_matches(keys: &[String], presented: &str) -> bool {
     })
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1), so `bearer` and `BEARER` work as clients send them.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let keys = &state.0.config.api_keys;
     if keys.is_empty() {
@@ -30,8 +40,7 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match presented {
         Some(token) if key_matches(keys, token) => next.run(req).await,
         _ => ApiError::unauthorized().into_response(),
@@ -63,7 +72,17 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 
 #[cfg(test)]
 mod tests {
-    use super::key_matches;
+    use super::{bearer_token, key_matches};
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer k1"] {
+            assert_eq!(bearer_token(v), Some("k1"), "{v:?}");
+        }
+        for v in ["Basic k1", "Bearerk1", "Bearer ", "k1", ""] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
+    }
 
     #[test]
     fn keys() {

@@ -213,6 +213,7 @@ pub async fn handle(
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let (mut request, options) = sampling::build(
         &req.common,
+        &state.0.config.limits,
         model,
         max_tokens,
         None,
@@ -235,10 +236,23 @@ pub async fn handle(
     };
     let prefill = tool_mode.prefill();
     let tokenizer = ctx.tokenizer.clone();
-    let (prompt_text, ids) = blocking(&state, move || {
+    let (prompt_opens_think, ids) = blocking(&state, move || {
         let mut text = template
             .render(&messages, &render)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        // Only the generation prompt decides whether the answer starts inside a think block:
+        // a `<think>` a user wrote into a message must not turn the answer into reasoning.
+        let conversation = template
+            .render(
+                &messages,
+                &RenderOptions {
+                    add_generation_prompt: false,
+                    ..render.clone()
+                },
+            )
+            .unwrap_or_default();
+        let opens_think =
+            ReasoningParser::prompt_opens_block(generation_prompt(&text, &conversation));
         if let Some(body) = prefill {
             text.push_str(TOOL_CALL_START);
             text.push_str(&body);
@@ -248,7 +262,7 @@ pub async fn handle(
             .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec();
-        Ok((text, ids))
+        Ok((opens_think, ids))
     })
     .await?;
     request.prompt = ids;
@@ -258,7 +272,7 @@ pub async fn handle(
         options,
         parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
         reasoning: ctx.has_reasoning_markup,
-        prompt_opens_think: ReasoningParser::prompt_opens_block(&prompt_text),
+        prompt_opens_think,
         tool_mode,
         logprobs,
     };
@@ -380,6 +394,18 @@ fn pick_template(
                 "The model has no chat template; start the server with --chat-template.",
             )
         })
+}
+
+/// What the template appended for `add_generation_prompt`: the rendered prompt past the
+/// conversation rendered without it; where a template renders no difference (it ignores the
+/// flag), the text from the last ChatML turn start, else all of it.
+fn generation_prompt<'a>(prompt: &'a str, conversation: &str) -> &'a str {
+    match prompt.strip_prefix(conversation) {
+        Some(suffix) if !conversation.is_empty() && !suffix.is_empty() => suffix,
+        _ => prompt
+            .rfind("<|im_start|>")
+            .map_or(prompt, |i| &prompt[i..]),
+    }
 }
 
 fn template_kwargs(kwargs: Option<&Map<String, Json>>) -> Result<Option<bool>, ApiError> {

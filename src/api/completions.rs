@@ -68,8 +68,10 @@ pub async fn handle(
         }
         None => None,
     };
+    let limits = state.0.config.limits;
     let (template, options) = sampling::build(
         &req.common,
+        &limits,
         model,
         req.common.max_tokens,
         Some(DEFAULT_MAX_TOKENS),
@@ -85,6 +87,28 @@ pub async fn handle(
         }
     }
     let echo = req.echo.unwrap_or(false);
+    // Bounded before any tokenization: one body of many one-token prompts, each forked n
+    // times, must not become thousands of sequences.
+    let num_prompts = req.prompt.len();
+    if num_prompts > limits.max_prompts {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "{num_prompts} prompts; at most {} are allowed per request",
+                limits.max_prompts
+            ),
+        ));
+    }
+    if num_prompts.saturating_mul(template.n) > limits.max_sequences {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{num_prompts} prompts × n = {} sequences; at most {} are allowed per request",
+                num_prompts.saturating_mul(template.n),
+                limits.max_sequences
+            ),
+        ));
+    }
     let tokenizer = ctx.tokenizer.clone();
     let prompt_field = req.prompt;
     let prompts = blocking(&state, move || prompts_of(prompt_field, &tokenizer)).await?;

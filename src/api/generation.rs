@@ -125,6 +125,9 @@ impl Usage {
 /// prompt's position, and the request's timing. Dropping it cancels everything not finished.
 pub struct Submission {
     events: SelectAll<BoxStream<'static, (usize, EngineEvent)>>,
+    /// Completions not yet finished: the engine's streams ending before this is zero means
+    /// the engine stopped under them, an error and not the end of the answer.
+    unfinished: usize,
     timer: RequestTimer,
     state: AppState,
     _admitted: InFlight,
@@ -138,6 +141,7 @@ impl Submission {
         arrived: Instant,
     ) -> Result<Self, ApiError> {
         let admitted = state.admit()?;
+        let unfinished = requests.iter().map(|r| r.n).sum();
         let mut streams = Vec::with_capacity(requests.len());
         for (i, request) in requests.into_iter().enumerate() {
             let rx = ctx.engine.submit(request)?;
@@ -148,6 +152,7 @@ impl Submission {
         }
         Ok(Self {
             events: stream::select_all(streams),
+            unfinished,
             timer: RequestTimer::new(arrived),
             state: state.clone(),
             _admitted: admitted,
@@ -167,12 +172,16 @@ impl Submission {
                         ..
                     } => return Err(ApiError::internal("the engine failed a completion")),
                     EngineEvent::Finished { queue_time, .. } => {
+                        self.unfinished = self.unfinished.saturating_sub(1);
                         metrics.observe_queue_time(*queue_time)
                     }
                     _ => {}
                 }
                 Ok(Some((prompt, event)))
             }
+            None if self.unfinished > 0 => Err(ApiError::internal(
+                "the engine stopped before the completion finished",
+            )),
             None => {
                 self.timer.on_done(metrics);
                 Ok(None)

@@ -44,6 +44,38 @@ pub struct ApiConfig {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// Bound on rendering a chat template and tokenizing one request.
     pub preprocess_timeout: Duration,
+    /// What one request may carry.
+    pub limits: RequestLimits,
+}
+
+/// What one request may carry: everything the engine walks per token or per sequence is
+/// bounded before the request is admitted (each a `ember serve` flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Prompts in one /v1/completions request.
+    pub max_prompts: usize,
+    /// Sequences one request starts: prompts × n.
+    pub max_sequences: usize,
+    /// Stop strings, and bytes in each.
+    pub max_stop_strings: usize,
+    pub max_stop_string_bytes: usize,
+    /// Entries of `stop_token_ids`.
+    pub max_stop_token_ids: usize,
+    /// Entries of `logit_bias`.
+    pub max_logit_bias: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_prompts: 64,
+            max_sequences: 128,
+            max_stop_strings: 16,
+            max_stop_string_bytes: 256,
+            max_stop_token_ids: 64,
+            max_logit_bias: 1024,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -57,6 +89,7 @@ impl Default for ApiConfig {
             trust_request_chat_template: false,
             chat_template: None,
             preprocess_timeout: Duration::from_secs(10),
+            limits: RequestLimits::default(),
         }
     }
 }
@@ -146,10 +179,20 @@ impl AppState {
         if self.is_draining() {
             return Err(ApiError::unavailable("The server is shutting down."));
         }
-        self.0
+        let model = self
+            .0
             .model
             .get()
-            .ok_or_else(|| ApiError::unavailable("The model is loading."))
+            .ok_or_else(|| ApiError::unavailable("The model is loading."))?;
+        if !model.engine.is_running() {
+            return Err(ApiError::unavailable("The engine has stopped."));
+        }
+        Ok(model)
+    }
+
+    /// The model was loaded and its engine has since stopped: the process should exit.
+    pub fn engine_failed(&self) -> bool {
+        self.0.model.get().is_some_and(|m| !m.engine.is_running())
     }
 
     /// Checks `model` against the served names (absent means the default).

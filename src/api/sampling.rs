@@ -7,6 +7,7 @@ use crate::model::GenerationDefaults;
 
 use super::error::ApiError;
 use super::types::CommonParams;
+use super::RequestLimits;
 
 /// Most completions one request may ask for.
 pub const MAX_N: usize = 128;
@@ -57,6 +58,7 @@ fn count(param: &str, v: i64, min: i64) -> Result<usize, ApiError> {
 /// `max_tokens`: the value the route received (chat also accepts max_completion_tokens).
 pub fn build(
     p: &CommonParams,
+    limits: &RequestLimits,
     model: String,
     max_tokens: Option<i64>,
     default_max_tokens: Option<usize>,
@@ -111,6 +113,16 @@ pub fn build(
         Some(v) => in_range("frequency_penalty", v, -2.0, 2.0)?,
         None => 0.0,
     };
+    let entries = p.logit_bias.as_ref().map_or(0, |b| b.len());
+    if entries > limits.max_logit_bias {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "'logit_bias' has {entries} entries; at most {} are allowed",
+                limits.max_logit_bias
+            ),
+        ));
+    }
     let mut logit_bias = Vec::new();
     for (key, &bias) in p.logit_bias.iter().flatten() {
         let token: u32 = key.parse().map_err(|_| {
@@ -126,10 +138,11 @@ pub fn build(
         Some(n) => count("n", n, 1)?,
         None => 1,
     };
-    if n > MAX_N {
+    let max_n = MAX_N.min(limits.max_sequences);
+    if n > max_n {
         return Err(ApiError::invalid(
             "n",
-            format!("'n' must be at most {MAX_N}"),
+            format!("'n' must be at most {max_n}"),
         ));
     }
     let max_tokens = match max_tokens {
@@ -151,6 +164,36 @@ pub fn build(
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
+    if stop.len() > limits.max_stop_strings {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "{} stop strings; at most {} are allowed",
+                stop.len(),
+                limits.max_stop_strings
+            ),
+        ));
+    }
+    if stop.iter().any(|s| s.len() > limits.max_stop_string_bytes) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop string is longer than {} bytes",
+                limits.max_stop_string_bytes
+            ),
+        ));
+    }
+    let stop_token_ids = p.stop_token_ids.clone().unwrap_or_default();
+    if stop_token_ids.len() > limits.max_stop_token_ids {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!(
+                "{} stop token ids; at most {} are allowed",
+                stop_token_ids.len(),
+                limits.max_stop_token_ids
+            ),
+        ));
+    }
     let request = ValidRequest {
         prompt: Vec::new(),
         sampling: SamplingParams {
@@ -169,7 +212,7 @@ pub fn build(
         max_tokens,
         min_tokens,
         ignore_eos: p.ignore_eos.unwrap_or(false),
-        stop_token_ids: p.stop_token_ids.clone().unwrap_or_default(),
+        stop_token_ids,
         stop,
         include_stop_str_in_output: p.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: p.skip_special_tokens.unwrap_or(true),

@@ -242,6 +242,21 @@ pub enum PromptField {
     TokenLists(Vec<Vec<u32>>),
 }
 
+impl PromptField {
+    /// How many prompts it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(_) | Self::Tokens(_) => 1,
+            Self::Texts(v) => v.len(),
+            Self::TokenLists(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {

@@ -13,10 +13,13 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::Detokenizer;
 use super::request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
-use super::sampler::{log_softmax, top_k_of, SampledToken, Sampler, SamplingParams};
+use super::sampler::{
+    completion_seed, log_softmax, top_k_of, SampledToken, Sampler, SamplingParams,
+};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{SeqId, Sequence};
 use super::stats::EngineStats;
+use super::Fault;
 
 pub(crate) enum Command {
     Submit {
@@ -54,6 +57,9 @@ pub(crate) struct Engine {
     stats: EngineStats,
     /// Test hook: every completion is these tokens, then EOS (see `EngineConfig`).
     forced_output: Option<Vec<u32>>,
+    /// Test hook: a failure to inject (see `EngineConfig`).
+    fault: Option<Fault>,
+    steps: u64,
 }
 
 impl Engine {
@@ -64,6 +70,7 @@ impl Engine {
         tokenizer: Arc<Tokenizer>,
         eos_token_ids: Vec<u32>,
         forced_output: Option<Vec<u32>>,
+        fault: Option<Fault>,
     ) -> Self {
         Self {
             model,
@@ -75,6 +82,8 @@ impl Engine {
             next_id: 0,
             stats: EngineStats::default(),
             forced_output,
+            fault,
+            steps: 0,
         }
     }
 
@@ -135,7 +144,7 @@ impl Engine {
         self.next_id += 1;
         let mut params: SamplingParams = request.sampling.clone();
         // Each completion of a seeded request gets its own, reproducible stream.
-        params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        params.seed = params.seed.map(|s| completion_seed(s, index));
         let mut seq = Sequence::new(id, request.prompt.clone());
         seq.use_prefix_cache = request.prompt_logprobs.is_none();
         self.seqs.insert(
@@ -176,6 +185,10 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        self.steps += 1;
+        if self.fault == Some(Fault::PanicAtStep(self.steps)) {
+            panic!("injected fault: engine panic at step {}", self.steps);
+        }
         let out = self.scheduler.schedule();
         self.stats.num_preemptions += out.preempted.len() as u64;
         if out.is_empty() {
@@ -306,6 +319,20 @@ impl Engine {
             return;
         };
         let req = state.request.clone();
+        if let Some(Fault::FailSequenceWithToken(t)) = self.fault {
+            if req.prompt.contains(&t) {
+                tracing::error!("injected fault: sequence {id} fails");
+                self.finish(id, FinishReason::Error, None);
+                return;
+            }
+        }
+        // A NaN or +inf logit (a numerical fault in the model) would be sampled as some token
+        // silently: the sequence fails instead.
+        if let Some(bad) = logits.iter().find(|l| l.is_nan() || **l == f32::INFINITY) {
+            tracing::error!("sequence {id}: the model produced a logit of {bad}; failing it");
+            self.finish(id, FinishReason::Error, None);
+            return;
+        }
         if num_output == 0 {
             // The prompt is done: prompt logprobs first, then fork the other completions.
             if req.prompt_logprobs.is_some() && !state.prompt_logprobs.is_empty() {

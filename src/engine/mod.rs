@@ -12,6 +12,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod stats;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -71,6 +72,18 @@ pub struct EngineConfig {
     /// (log-probabilities stay the model's). Lets tests over tiny random models exercise
     /// tool-call and reasoning parsing; never set in production.
     pub debug_forced_output: Option<String>,
+    /// Test hook: a failure to inject (library callers only; no CLI flag sets it).
+    pub fault: Option<Fault>,
+}
+
+/// Failures the engine can be told to inject, so tests can prove that one failed sequence
+/// fails only its request and that a dead engine fails loudly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The engine thread panics at the start of this step (counting from 1).
+    PanicAtStep(u64),
+    /// A sequence whose prompt holds this token fails when its first token is sampled.
+    FailSequenceWithToken(u32),
 }
 
 impl Default for EngineConfig {
@@ -83,6 +96,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             kv_cache_dtype: None,
             debug_forced_output: None,
+            fault: None,
         }
     }
 }
@@ -124,6 +138,21 @@ pub type RequestStream = UnboundedReceiver<EngineEvent>;
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     limits: EngineLimits,
+    running: Arc<AtomicBool>,
+}
+
+/// Lowered when the engine thread ends, by returning or by panicking (the unwind drops it).
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!(
+                "the engine thread panicked: every request in flight fails, /health turns 503"
+            );
+        }
+    }
 }
 
 impl EngineHandle {
@@ -187,18 +216,30 @@ impl EngineHandle {
             loaded.tokenizer,
             loaded.eos_token_ids,
             forced_output,
+            cfg.fault,
         );
         let (tx, rx) = mpsc::channel();
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = Running(running.clone());
         let thread = std::thread::Builder::new()
             .name("ember-engine".into())
-            .spawn(move || engine.run(rx))?;
+            .spawn(move || {
+                let _running = flag;
+                engine.run(rx)
+            })?;
         Ok((
             Self {
                 commands: tx,
                 limits,
+                running,
             },
             thread,
         ))
+    }
+
+    /// False once the engine thread has ended (it ends early only by failing).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 
     pub fn limits(&self) -> EngineLimits {

@@ -116,7 +116,7 @@ impl Sampler {
             None => {
                 let mut logits = logits.to_vec();
                 self.process(&mut logits, banned);
-                if self.params.temperature <= 0.0 {
+                if self.params.temperature < SAMPLING_EPS {
                     argmax(&logits)
                 } else {
                     self.sample_random(&logits)
@@ -239,6 +239,24 @@ impl Sampler {
         }
         candidates.last().map_or(0, |c| c.0)
     }
+}
+
+/// Temperatures below this sample greedily (as vLLM): dividing by a temperature near zero
+/// overflows the weights to infinity and NaN.
+pub const SAMPLING_EPS: f32 = 1e-5;
+
+/// The seed of completion `index` of a request seeded with `seed`: completion 0 keeps the seed,
+/// the others get a mixed one, so that no (seed, index) pair repeats another request's
+/// completion 0 the way `seed + index` made (s, 1) equal (s + 1, 0).
+pub fn completion_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        return seed;
+    }
+    // SplitMix64's finalizer over the seed and the index.
+    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Index of the largest logit; the lowest index wins ties (as torch.argmax).
@@ -430,5 +448,32 @@ mod tests {
         assert_eq!(out.token, 0);
         assert!((out.logprob - 0.25f32.ln()).abs() < 1e-6);
         assert_eq!(out.top_logprobs[0].0, 1);
+    }
+
+    #[test]
+    fn a_temperature_near_zero_is_greedy() {
+        // 1/T overflows for T below ~3e-39; T = 1e-6 still makes the weights NaN-prone.
+        for t in [1e-39f32, f32::MIN_POSITIVE, 1e-6] {
+            let mut s = sampler(SamplingParams {
+                temperature: t,
+                seed: Some(1),
+                ..Default::default()
+            });
+            assert_eq!(s.sample(&[0.1, -2.0, 3.0, 1.0], &[]).token, 2, "T = {t}");
+        }
+    }
+
+    #[test]
+    fn completion_seeds_do_not_alias_neighbouring_seeds() {
+        assert_eq!(completion_seed(7, 0), 7);
+        for s in [0u64, 1, 7, u64::MAX] {
+            for i in 1..8usize {
+                let seed = completion_seed(s, i);
+                assert_ne!(seed, s.wrapping_add(i as u64), "seed {s} index {i}");
+                // Another request's completion 0 with seed s + i would collide under seed + i.
+                assert_ne!(seed, completion_seed(s.wrapping_add(i as u64), 0));
+                assert_ne!(seed, completion_seed(s, i + 1));
+            }
+        }
     }
 }

@@ -106,6 +106,11 @@ impl TestServer {
         post(&self.url(path), body, None)
     }
 
+    /// Whether the server has ended by itself.
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
     /// Starts SIGTERM-like shutdown; returns the server thread's handle.
     pub fn shutdown(&mut self) -> std::thread::JoinHandle<anyhow::Result<()>> {
         if let Some(stop) = self.stop.take() {

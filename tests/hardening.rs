@@ -1,0 +1,222 @@
+//! Hostile and unlucky requests: per-request limits refused before any work, one failed
+//! sequence failing only its request, and an engine that dies failing loudly (every request in
+//! flight gets an error, /health turns 503, the server ends with an error).
+
+mod http;
+
+use std::io::BufRead;
+
+use ember::api::{ApiConfig, RequestLimits};
+use ember::engine::{EngineConfig, Fault};
+use http::{api_config, engine_config, get, open_stream, post, TestServer, MODEL};
+use serde_json::{json, Value as Json};
+
+fn completion(prompt: Json) -> Json {
+    json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+}
+
+fn chat(content: &str) -> Json {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0})
+}
+
+/// A 400 in the OpenAI envelope naming `param`, without echoing the raw input back.
+fn assert_invalid(status: u16, body: &Json, param: &str, raw: &str) {
+    assert_eq!(status, 400, "{body}");
+    let e = &body["error"];
+    assert_eq!(e["param"], param, "{body}");
+    assert_eq!(e["type"], "invalid_request_error", "{body}");
+    assert!(e["message"].is_string(), "{body}");
+    assert!(
+        !body.to_string().contains(raw),
+        "the input came back: {body}"
+    );
+}
+
+fn canary(s: &TestServer) {
+    assert_eq!(get(&s.url("/health")).0, 200);
+    let (status, r) = s.post("/v1/completions", &completion(json!("Hello")));
+    assert_eq!(status, 200, "{r}");
+}
+
+#[test]
+fn per_request_limits_are_refused_before_any_work() {
+    let api = ApiConfig {
+        limits: RequestLimits {
+            max_prompts: 4,
+            max_sequences: 6,
+            max_stop_strings: 2,
+            max_stop_string_bytes: 8,
+            max_stop_token_ids: 3,
+            max_logit_bias: 2,
+        },
+        ..api_config()
+    };
+    let s = TestServer::start("qwen3", api, engine_config());
+
+    // Five one-token prompts: more prompts than allowed.
+    let (st, r) = s.post(
+        "/v1/completions",
+        &completion(json!([[7], [8], [9], [10], [11]])),
+    );
+    assert_invalid(st, &r, "prompt", "[[7],[8]");
+    // Three prompts × n = 3 is 9 sequences, over 6; n = 2 is 6, allowed.
+    let mut body = completion(json!(["a", "b", "c"]));
+    body["n"] = json!(3);
+    let (st, r) = s.post("/v1/completions", &body);
+    assert_invalid(st, &r, "n", "\"a\"");
+    body["n"] = json!(2);
+    let (st, r) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"].as_array().map(Vec::len), Some(6));
+    // n alone over the sequence limit.
+    let mut body = chat("Hi");
+    body["n"] = json!(7);
+    let (st, r) = s.post("/v1/chat/completions", &body);
+    assert_invalid(st, &r, "n", "Hi");
+
+    let with = |key: &str, value: Json| {
+        let mut b = chat("Hi");
+        b[key] = value;
+        post(&s.url("/v1/chat/completions"), &b, None)
+    };
+    let (st, r) = with("stop", json!(["x1", "x2", "x3"]));
+    assert_invalid(st, &r, "stop", "x3");
+    let (st, r) = with("stop", json!(["longer-than-8"]));
+    assert_invalid(st, &r, "stop", "longer-than-8");
+    let (st, r) = with("stop", json!(["ok", "fine"]));
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = with("stop_token_ids", json!([1, 2, 3, 4]));
+    assert_invalid(st, &r, "stop_token_ids", "[1,2,3,4]");
+    let (st, r) = with("logit_bias", json!({"1": 1, "2": 2, "3": 3}));
+    assert_invalid(st, &r, "logit_bias", "\"3\":3");
+    let (st, r) = with("logit_bias", json!({"1": 1, "2": 2}));
+    assert_eq!(st, 200, "{r}");
+    canary(&s);
+}
+
+#[test]
+fn a_lowercase_bearer_scheme_is_accepted() {
+    let api = ApiConfig {
+        api_keys: vec!["k-123".into()],
+        ..api_config()
+    };
+    let s = TestServer::start("qwen3", api, engine_config());
+    for header in ["Bearer k-123", "bearer k-123", "BEARER k-123"] {
+        let r = ureq::get(&s.url("/v1/models"))
+            .set("Authorization", header)
+            .call();
+        assert!(r.is_ok(), "{header}: {r:?}");
+    }
+    let r = ureq::get(&s.url("/v1/models"))
+        .set("Authorization", "bearer wrong")
+        .call();
+    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+}
+
+#[test]
+fn think_written_by_a_user_does_not_make_the_answer_reasoning() {
+    let s = TestServer::start(
+        "qwen3",
+        api_config(),
+        EngineConfig {
+            debug_forced_output: Some("The answer.".into()),
+            ..engine_config()
+        },
+    );
+    let mut body = chat("What does <think> mean in a prompt?");
+    body["max_tokens"] = json!(40);
+    let (st, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{r}");
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["content"], "The answer.", "{r}");
+    assert!(
+        m["reasoning_content"].is_null() || m["reasoning_content"] == "",
+        "{r}"
+    );
+}
+
+/// Token 300 in a prompt makes its sequence fail at its first sample.
+const FAULT_TOKEN: u32 = 300;
+
+#[test]
+fn one_failed_sequence_fails_only_its_request() {
+    let s = TestServer::start(
+        "qwen3",
+        api_config(),
+        EngineConfig {
+            fault: Some(Fault::FailSequenceWithToken(FAULT_TOKEN)),
+            ..engine_config()
+        },
+    );
+    // A long streaming request runs beside the failing ones.
+    let mut long = completion(json!([5, 6, 7]));
+    long["max_tokens"] = json!(64);
+    long["ignore_eos"] = json!(true);
+    long["stream"] = json!(true);
+    let mut reader = open_stream(&s.url("/v1/completions"), &long);
+
+    let (st, r) = s.post("/v1/completions", &completion(json!([5, FAULT_TOKEN, 7])));
+    assert_eq!(st, 500, "{r}");
+    assert_eq!(r["error"]["type"], "server_error", "{r}");
+    // Streamed: an error event, never a normal end.
+    let mut body = completion(json!([FAULT_TOKEN, 9]));
+    body["stream"] = json!(true);
+    let events = http::stream(&s.url("/v1/completions"), &body);
+    assert!(events.iter().any(|e| e["error"].is_object()), "{events:?}");
+    assert!(!events
+        .iter()
+        .any(|e| e["choices"][0]["finish_reason"].is_string()));
+
+    // The long request still finishes normally.
+    let mut finish = None;
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(data) = line.trim().strip_prefix("data: ") {
+            if let Ok(chunk) = serde_json::from_str::<Json>(data) {
+                if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+                    finish = Some(f.to_string());
+                }
+            }
+        }
+        line.clear();
+    }
+    assert_eq!(finish.as_deref(), Some("length"));
+    canary(&s);
+}
+
+#[test]
+fn a_dead_engine_fails_loudly() {
+    let mut s = TestServer::start(
+        "qwen3",
+        api_config(),
+        EngineConfig {
+            // Step 1 is this test's first request's prefill; it dies at its third step.
+            fault: Some(Fault::PanicAtStep(3)),
+            ..engine_config()
+        },
+    );
+    let mut body = completion(json!([5, 6, 7]));
+    body["max_tokens"] = json!(32);
+    body["ignore_eos"] = json!(true);
+    body["stream"] = json!(true);
+    // The stream ends with an error event: no finish_reason, no silent truncation.
+    let events = http::stream(&s.url("/v1/completions"), &body);
+    assert!(events.iter().any(|e| e["error"].is_object()), "{events:?}");
+    assert!(!events
+        .iter()
+        .any(|e| e["choices"][0]["finish_reason"].is_string()));
+    // /health turns 503 and new requests are refused.
+    assert!(http::eventually(5, || get(&s.url("/health")).0 == 503));
+    let (st, _) = s.post("/v1/completions", &completion(json!("Hello")));
+    assert_eq!(st, 503);
+    // The server ends by itself, with an error (the process exits non-zero).
+    assert!(
+        http::eventually(10, || s.finished()),
+        "the server kept running"
+    );
+    let result = s.shutdown().join().expect("the server thread panicked");
+    assert!(
+        result.is_err(),
+        "the server ended cleanly after its engine died"
+    );
+}
