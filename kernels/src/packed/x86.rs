@@ -29,6 +29,9 @@ pub(crate) trait PanelLoad: PanelElem {
     /// # Safety
     /// As [`PanelLoad::even8`], for a k pair that exists.
     unsafe fn odd8(panel: *const Self, p: usize, half: usize) -> __m256;
+    /// Whether AVX2 tiles over many rows first widen a panel to f32 ([`widen_panel8`]): bf16,
+    /// whose odd-k widening keeps each raw load live, so a 6-row tile runs out of registers.
+    const WIDEN_FOR_ROWS: bool = false;
 }
 
 impl PanelLoad for f32 {
@@ -92,6 +95,7 @@ impl PanelLoad for f16 {
 /// bf16 pairs share a 32-bit lane, the even k in the low half: `lane << 16` is the even weight
 /// as f32, `lane & 0xffff0000` the odd one.
 impl PanelLoad for bf16 {
+    const WIDEN_FOR_ROWS: bool = true;
     #[inline(always)]
     unsafe fn even16(panel: *const bf16, p: usize) -> __m512 {
         // SAFETY: pair p: 16 lanes of two bf16 (64 bytes).
@@ -467,6 +471,68 @@ unsafe fn block8<W: PanelLoad, F: FnMut(usize, usize, &[f32]), const MR: usize>(
     }
 }
 
+/// One panel as an f32 panel (`[k][16]`): the same weights, exactly, so tiles over it compute
+/// the same sums in the same order as tiles over the panel itself.
+///
+/// # Safety
+/// AVX2/FMA/F16C are enabled; `panel` holds k (padded) steps; `out` has room for 16 · k.
+#[inline(always)]
+unsafe fn widen_panel8<W: PanelLoad>(panel: *const W, k: usize, out: *mut f32) {
+    // SAFETY: as the caller guarantees; stores stay below 16 · k.
+    unsafe {
+        for p in 0..k.div_ceil(2) {
+            for h in 0..2 {
+                _mm256_storeu_ps(out.add(2 * p * PANEL + 8 * h), W::even8(panel, p, h));
+                if 2 * p + 1 < k {
+                    _mm256_storeu_ps(out.add((2 * p + 1) * PANEL + 8 * h), W::odd8(panel, p, h));
+                }
+            }
+        }
+    }
+}
+
+/// Rows of x from tiles of 6 down (or of 5 first, where `five` is set).
+///
+/// # Safety
+/// AVX2/FMA/F16C are enabled; `panel` holds k (padded) steps of W; x holds m rows of k.
+#[inline(always)]
+unsafe fn rows8<W: PanelLoad, F: FnMut(usize, usize, &[f32])>(
+    x: &[f32],
+    m: usize,
+    panel: *const W,
+    pj: usize,
+    k: usize,
+    five: bool,
+    emit: &mut F,
+) {
+    let mut i = 0;
+    // SAFETY: as the caller guarantees; rows stay below m.
+    unsafe {
+        if five {
+            while i + 5 <= m {
+                block8::<W, F, 5>(x, i, panel, pj, k, emit);
+                i += 5;
+            }
+        }
+        while i + 6 <= m {
+            block8::<W, F, 6>(x, i, panel, pj, k, emit);
+            i += 6;
+        }
+        match m - i {
+            5 => block8::<W, F, 5>(x, i, panel, pj, k, emit),
+            4 => block8::<W, F, 4>(x, i, panel, pj, k, emit),
+            3 => block8::<W, F, 3>(x, i, panel, pj, k, emit),
+            2 => block8::<W, F, 2>(x, i, panel, pj, k, emit),
+            1 => block8::<W, F, 1>(x, i, panel, pj, k, emit),
+            _ => {}
+        }
+    }
+}
+
+/// Rows from which a bf16 panel is widened to f32 first (its cost, 1/m of the tiles' work,
+/// buys 6-row tiles without a spill).
+const WIDEN_MIN_ROWS: usize = 12;
+
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -478,22 +544,24 @@ unsafe fn task_avx2<W: PanelLoad, F: FnMut(usize, usize, &[f32])>(
     mut emit: F,
 ) {
     let panel_len = PANEL * W::padded_k(k);
+    let widen = W::WIDEN_FOR_ROWS && m >= WIDEN_MIN_ROWS;
+    let mut wide = if widen {
+        vec![0f32; PANEL * k]
+    } else {
+        Vec::new()
+    };
     for (pj, panel) in w.chunks_exact(panel_len).enumerate() {
-        let panel = panel.as_ptr();
-        let mut i = 0;
-        // SAFETY: the features are enabled here; rows stay below m.
+        // SAFETY: the features are enabled here; `wide` holds 16 · k values; rows stay below m.
         unsafe {
-            while i + 6 <= m {
-                block8::<W, F, 6>(x, i, panel, pj, k, &mut emit);
-                i += 6;
-            }
-            match m - i {
-                5 => block8::<W, F, 5>(x, i, panel, pj, k, &mut emit),
-                4 => block8::<W, F, 4>(x, i, panel, pj, k, &mut emit),
-                3 => block8::<W, F, 3>(x, i, panel, pj, k, &mut emit),
-                2 => block8::<W, F, 2>(x, i, panel, pj, k, &mut emit),
-                1 => block8::<W, F, 1>(x, i, panel, pj, k, &mut emit),
-                _ => {}
+            if widen {
+                widen_panel8(panel.as_ptr(), k, wide.as_mut_ptr());
+                rows8::<f32, F>(x, m, wide.as_ptr(), pj, k, false, &mut emit);
+            } else {
+                // 6 rows × 2 halves = 12 accumulators, plus 2 weight vectors and a broadcast,
+                // fill the 16 registers; bf16 keeps each raw load for its odd k as well, and
+                // 6 rows spilled an accumulator (a store/load on its FMA chain every k step):
+                // 5-row tiles for it.
+                rows8::<W, F>(x, m, panel.as_ptr(), pj, k, W::PAIRED, &mut emit);
             }
         }
     }
