@@ -204,9 +204,6 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// Test hook: every completion is this text, whatever the model says.
-    #[arg(long, hide = true)]
-    pub debug_forced_output: Option<String>,
 }
 
 #[derive(Debug, Args)]

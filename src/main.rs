@@ -186,8 +186,7 @@ fn engine_config(args: &EngineArgs, device: DeviceSpec) -> EngineConfig {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let device: DeviceSpec = args.model.device.parse()?;
-    let mut engine = engine_config(&args.engine, device);
-    engine.debug_forced_output = args.debug_forced_output.clone();
+    let engine = engine_config(&args.engine, device);
     let chat_template = match &args.chat_template {
         Some(arg) => {
             let source = match std::fs::read_to_string(arg) {
@@ -204,6 +203,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.served_model_name.clone()
     };
+    ember::api::check_origins(&args.allowed_origins).map_err(anyhow::Error::msg)?;
     let api = ApiConfig {
         served_model_names,
         api_keys: args

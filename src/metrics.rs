@@ -96,8 +96,9 @@ impl Metrics {
 pub struct RequestTimer {
     arrived: Instant,
     first_token: bool,
-    /// Last token time of each completion.
-    last: Vec<Option<Instant>>,
+    /// Last token time of each completion, by prompt and choice index (each prompt of a
+    /// `/v1/completions` request numbers its completions from 0).
+    last: Vec<Vec<Option<Instant>>>,
 }
 
 impl RequestTimer {
@@ -109,16 +110,20 @@ impl RequestTimer {
         }
     }
 
-    pub fn on_token(&mut self, metrics: &Metrics, index: usize) {
+    pub fn on_token(&mut self, metrics: &Metrics, prompt: usize, index: usize) {
         let now = Instant::now();
         if !self.first_token {
             self.first_token = true;
             metrics.ttft.observe((now - self.arrived).as_secs_f64());
         }
-        if self.last.len() <= index {
-            self.last.resize(index + 1, None);
+        if self.last.len() <= prompt {
+            self.last.resize(prompt + 1, Vec::new());
         }
-        if let Some(prev) = self.last[index].replace(now) {
+        let last = &mut self.last[prompt];
+        if last.len() <= index {
+            last.resize(index + 1, None);
+        }
+        if let Some(prev) = last[index].replace(now) {
             metrics.itl.observe((now - prev).as_secs_f64());
         }
     }

@@ -220,3 +220,52 @@ fn a_dead_engine_fails_loudly() {
         "the server ended cleanly after its engine died"
     );
 }
+
+#[test]
+fn inter_token_latency_is_timed_per_prompt_and_choice() {
+    let s = TestServer::start("qwen3", api_config(), engine_config());
+    let count = || s.metric("ember_inter_token_latency_seconds_count");
+    let before = count();
+    // Two prompts × n = 2, 5 tokens each: 4 gaps per completion, 16 in all. Keyed by choice
+    // index alone, the two prompts' choice 0 (and 1) shared one clock: 18 gaps, some of them
+    // between tokens of different completions.
+    let mut body = completion(json!([[5, 6, 7], [8, 9]]));
+    body["n"] = json!(2);
+    body["max_tokens"] = json!(5);
+    body["ignore_eos"] = json!(true);
+    body["temperature"] = json!(1.0);
+    let (st, r) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(count() - before, 16.0);
+}
+
+#[test]
+fn tokenize_counts_what_chat_counts_with_tools_and_kwargs() {
+    let s = TestServer::start("qwen3", api_config(), engine_config());
+    let messages = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let kwargs = json!({"enable_thinking": false});
+    let (st, t) = s.post(
+        "/tokenize",
+        &json!({"model": MODEL, "messages": messages, "tools": tools, "chat_template_kwargs": kwargs}),
+    );
+    assert_eq!(st, 200, "{t}");
+    let (st, c) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": messages, "tools": tools, "chat_template_kwargs": kwargs,
+            "max_tokens": 1}),
+    );
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(t["count"], c["usage"]["prompt_tokens"], "{t} {c}");
+    let (_, plain) = s.post("/tokenize", &json!({"model": MODEL, "messages": messages}));
+    assert!(
+        plain["count"].as_u64() < t["count"].as_u64(),
+        "tools add tokens"
+    );
+    let (st, r) = s.post(
+        "/tokenize",
+        &json!({"model": MODEL, "messages": messages, "chat_template_kwargs": {"other": 1}}),
+    );
+    assert_invalid(st, &r, "chat_template_kwargs.other", "\"other\":1");
+}

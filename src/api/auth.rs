@@ -47,6 +47,30 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     }
 }
 
+/// Checks `--allowed-origins`: each `*` or an origin (`scheme://host[:port]`, no path), so a
+/// typo fails at start-up instead of silently allowing nothing.
+pub fn check_origins(origins: &[String]) -> Result<(), String> {
+    for o in origins {
+        if o == "*" {
+            continue;
+        }
+        let rest = o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"));
+        let ok = rest.is_some_and(|host| {
+            !host.is_empty()
+                && !host.contains(['/', '?', '#', ' '])
+                && HeaderValue::from_str(o).is_ok()
+        });
+        if !ok {
+            return Err(format!(
+                "--allowed-origins: {o:?} is not an origin (scheme://host[:port], or *)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// CORS for the given origins ("*" allows any); None when no origin is configured.
 pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
@@ -72,7 +96,23 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer_token, key_matches};
+    use super::{bearer_token, check_origins, key_matches};
+
+    #[test]
+    fn origins_are_checked() {
+        let ok = |o: &[&str]| check_origins(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["*"]).is_ok());
+        assert!(ok(&["https://app.example.com", "http://localhost:3000"]).is_ok());
+        for bad in [
+            "app.example.com",
+            "https://a.com/",
+            "https://",
+            "ftp://a.com",
+            "http://a b",
+        ] {
+            assert!(ok(&["*", bad]).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {

@@ -22,7 +22,8 @@ use super::generation::{
 use super::logprobs::TokenNames;
 use super::sampling::{self, OutputOptions};
 use super::types::{
-    parse_with_common, ChatMessage, ChatRequest, MessageContent, CHAT_FIELDS, COMMON_FIELDS,
+    parse_with_common, ChatMessage, ChatRequest, MessageContent, ToolDefinition, CHAT_FIELDS,
+    COMMON_FIELDS,
 };
 use super::{AppState, ModelContext};
 
@@ -189,6 +190,8 @@ pub async fn handle(
     let arrived = Instant::now();
     let body = body_bytes(&state, body)?;
     let ctx = state.model()?;
+    // Admitted (or refused with 503) before any template or tokenizer work.
+    let admitted = state.admit()?;
     let known: Vec<&str> = COMMON_FIELDS.iter().chain(CHAT_FIELDS).copied().collect();
     let req: ChatRequest = parse_with_common(&body, &known)?;
     let model = state.check_model(req.common.model.as_deref())?;
@@ -226,12 +229,7 @@ pub async fn handle(
     let messages = messages_json(&req.messages)?;
     let render = RenderOptions {
         add_generation_prompt: true,
-        tools: req.tools.as_ref().map(|tools| {
-            json!(tools
-                .iter()
-                .map(|t| json!({"type": t.kind, "function": t.function}))
-                .collect::<Vec<_>>())
-        }),
+        tools: tools_json(req.tools.as_deref()),
         enable_thinking,
     };
     let prefill = tool_mode.prefill();
@@ -277,7 +275,7 @@ pub async fn handle(
         logprobs,
     };
     let n = request.n;
-    let submission = Submission::submit(&state, ctx, vec![request], arrived)?;
+    let submission = Submission::submit(&state, ctx, vec![request], arrived, admitted)?;
     let names = ctx.tokenizer.clone();
     if plan.options.stream {
         let writer = ChatChunks {
@@ -408,7 +406,19 @@ fn generation_prompt<'a>(prompt: &'a str, conversation: &str) -> &'a str {
     }
 }
 
-fn template_kwargs(kwargs: Option<&Map<String, Json>>) -> Result<Option<bool>, ApiError> {
+/// Tool definitions as the chat template receives them.
+pub(super) fn tools_json(tools: Option<&[ToolDefinition]>) -> Option<Json> {
+    tools.map(|tools| {
+        json!(tools
+            .iter()
+            .map(|t| json!({"type": t.kind, "function": t.function}))
+            .collect::<Vec<_>>())
+    })
+}
+
+pub(super) fn template_kwargs(
+    kwargs: Option<&Map<String, Json>>,
+) -> Result<Option<bool>, ApiError> {
     let mut enable_thinking = None;
     for (key, value) in kwargs.into_iter().flatten() {
         let param = format!("chat_template_kwargs.{key}");

@@ -51,6 +51,8 @@ pub async fn handle(
     let arrived = Instant::now();
     let body = body_bytes(&state, body)?;
     let ctx = state.model()?;
+    // Admitted (or refused with 503) before any template or tokenizer work.
+    let admitted = state.admit()?;
     let known: Vec<&str> = COMMON_FIELDS
         .iter()
         .chain(COMPLETION_FIELDS)
@@ -130,7 +132,7 @@ pub async fn handle(
         n: template.n,
         prompts,
     };
-    let submission = Submission::submit(&state, ctx, requests, arrived)?;
+    let submission = Submission::submit(&state, ctx, requests, arrived, admitted)?;
     let tokenizer = ctx.tokenizer.clone();
     if plan.options.stream {
         let writer = CompletionChunks::new(plan, tokenizer);

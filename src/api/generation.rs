@@ -47,7 +47,8 @@ pub async fn blocking<T: Send + 'static>(
         Ok(Err(e)) => Err(ApiError::internal(format!(
             "preprocessing task failed: {e}"
         ))),
-        Err(_) => Err(ApiError::bad_body(format!(
+        // The server's own bound, not the request's fault: 503, and the client may retry.
+        Err(_) => Err(ApiError::unavailable(format!(
             "Preparing the prompt took longer than {} s.",
             timeout.as_secs()
         ))),
@@ -139,8 +140,8 @@ impl Submission {
         ctx: &ModelContext,
         requests: Vec<ValidRequest>,
         arrived: Instant,
+        admitted: InFlight,
     ) -> Result<Self, ApiError> {
-        let admitted = state.admit()?;
         let unfinished = requests.iter().map(|r| r.n).sum();
         let mut streams = Vec::with_capacity(requests.len());
         for (i, request) in requests.into_iter().enumerate() {
@@ -166,7 +167,9 @@ impl Submission {
         match self.events.next().await {
             Some((prompt, event)) => {
                 match &event {
-                    EngineEvent::Token { index, .. } => self.timer.on_token(metrics, *index),
+                    EngineEvent::Token { index, .. } => {
+                        self.timer.on_token(metrics, prompt, *index)
+                    }
                     EngineEvent::Finished {
                         reason: FinishReason::Error,
                         ..

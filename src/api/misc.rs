@@ -7,9 +7,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value as Json};
 
-use crate::engine::EngineStats;
-
-use super::chat::messages_json;
+use super::chat::{messages_json, template_kwargs, tools_json};
 use super::error::ApiError;
 use super::generation::{blocking, body_bytes};
 use super::types::{parse_body, DetokenizeRequest, TokenizeRequest};
@@ -25,16 +23,13 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let engine = state.0.model.get().map(|m| m.engine.clone());
-    // The engine answers over a blocking channel: ask off the runtime.
-    let stats = match engine {
-        Some(engine) => tokio::task::spawn_blocking(move || engine.stats())
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default(),
-        None => EngineStats::default(),
-    };
+    // The engine's last published counters: a scrape never waits for the engine thread.
+    let stats = state
+        .0
+        .model
+        .get()
+        .map(|m| m.engine.stats_snapshot())
+        .unwrap_or_default();
     match state.0.metrics.encode(stats) {
         Ok(text) => (
             [(
@@ -100,6 +95,8 @@ pub async fn tokenize(
             "messages",
             "add_special_tokens",
             "add_generation_prompt",
+            "tools",
+            "chat_template_kwargs",
         ],
     )?;
     state.check_model(req.model.as_deref())?;
@@ -117,7 +114,8 @@ pub async fn tokenize(
             let messages = messages_json(&messages)?;
             let opts = RenderOptions {
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-                ..RenderOptions::default()
+                tools: tools_json(req.tools.as_deref()),
+                enable_thinking: template_kwargs(req.chat_template_kwargs.as_ref())?,
             };
             let text = blocking(&state, move || {
                 template

@@ -25,6 +25,7 @@ use crate::engine::{EngineHandle, EngineLimits};
 use crate::metrics::Metrics;
 use crate::model::GenerationDefaults;
 use crate::template::ChatTemplate;
+pub use auth::check_origins;
 use error::ApiError;
 
 /// Operator settings of the HTTP layer.

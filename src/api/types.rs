@@ -265,6 +265,9 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessage>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// As in chat completions: rendered into the prompt, so the count is chat's.
+    pub tools: Option<Vec<ToolDefinition>>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Json>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -46,6 +46,15 @@ struct SeqState {
     queue_time: Option<Duration>,
 }
 
+/// The test hooks of `EngineConfig`, resolved (library callers only).
+#[derive(Default)]
+pub(crate) struct TestHooks {
+    /// Every completion is these tokens, then EOS.
+    pub forced_output: Option<Vec<u32>>,
+    /// A failure to inject.
+    pub fault: Option<Fault>,
+}
+
 pub(crate) struct Engine {
     model: QwenModel,
     cache: PagedKvCache,
@@ -55,11 +64,10 @@ pub(crate) struct Engine {
     seqs: HashMap<SeqId, SeqState>,
     next_id: SeqId,
     stats: EngineStats,
-    /// Test hook: every completion is these tokens, then EOS (see `EngineConfig`).
-    forced_output: Option<Vec<u32>>,
-    /// Test hook: a failure to inject (see `EngineConfig`).
-    fault: Option<Fault>,
+    hooks: TestHooks,
     steps: u64,
+    /// The counters as of the end of the last loop turn (see `EngineHandle::stats_snapshot`).
+    published: Arc<Mutex<EngineStats>>,
 }
 
 impl Engine {
@@ -69,8 +77,8 @@ impl Engine {
         scheduler: Scheduler,
         tokenizer: Arc<Tokenizer>,
         eos_token_ids: Vec<u32>,
-        forced_output: Option<Vec<u32>>,
-        fault: Option<Fault>,
+        hooks: TestHooks,
+        published: Arc<Mutex<EngineStats>>,
     ) -> Self {
         Self {
             model,
@@ -81,9 +89,9 @@ impl Engine {
             seqs: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
-            forced_output,
-            fault,
+            hooks,
             steps: 0,
+            published,
         }
     }
 
@@ -115,6 +123,16 @@ impl Engine {
             if self.scheduler.has_work() {
                 self.step();
             }
+            self.publish_stats();
+        }
+    }
+
+    /// Leaves a copy of the counters where `/metrics` reads them without asking this thread.
+    fn publish_stats(&self) {
+        let mut stats = self.stats.clone();
+        stats.fill_from(&self.scheduler);
+        if let Ok(mut shared) = self.published.lock() {
+            *shared = stats;
         }
     }
 
@@ -186,7 +204,7 @@ impl Engine {
 
     fn step(&mut self) {
         self.steps += 1;
-        if self.fault == Some(Fault::PanicAtStep(self.steps)) {
+        if self.hooks.fault == Some(Fault::PanicAtStep(self.steps)) {
             panic!("injected fault: engine panic at step {}", self.steps);
         }
         let out = self.scheduler.schedule();
@@ -319,7 +337,7 @@ impl Engine {
             return;
         };
         let req = state.request.clone();
-        if let Some(Fault::FailSequenceWithToken(t)) = self.fault {
+        if let Some(Fault::FailSequenceWithToken(t)) = self.hooks.fault {
             if req.prompt.contains(&t) {
                 tracing::error!("injected fault: sequence {id} fails");
                 self.finish(id, FinishReason::Error, None);
@@ -363,7 +381,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let forced = self.forced_output.as_ref().and_then(|script| {
+        let forced = self.hooks.forced_output.as_ref().and_then(|script| {
             script
                 .get(num_output)
                 .or_else(|| {

@@ -5,6 +5,9 @@
 
 use tokenizers::Tokenizer;
 
+/// Most tokens held back waiting for a character to complete.
+const MAX_PENDING: usize = 8;
+
 /// What one step of detokenization made visible.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TextDelta {
@@ -64,12 +67,18 @@ impl Detokenizer {
         self.tokens.push(token);
         let prefix = self.decode(tokenizer, self.prefix_offset..self.read_offset);
         let full = self.decode(tokenizer, self.prefix_offset..self.tokens.len());
-        // Wait while the newest bytes are an incomplete character.
-        if full.len() > prefix.len()
+        // Wait while the newest bytes are an incomplete character, but never for more than
+        // MAX_PENDING tokens: a character is at most 4 bytes, so a longer wait means bytes that
+        // will never form one (or tokens that decode to nothing), and each push re-decodes
+        // the whole wait (quadratic in a run that logit_bias can force).
+        let forced = self.tokens.len() - self.read_offset >= MAX_PENDING;
+        let complete = full.len() > prefix.len()
             && !full.ends_with('\u{FFFD}')
-            && full.starts_with(prefix.as_str())
-        {
-            self.text.push_str(&full[prefix.len()..]);
+            && full.starts_with(prefix.as_str());
+        if complete || forced {
+            if let Some(rest) = full.strip_prefix(prefix.as_str()) {
+                self.text.push_str(rest);
+            }
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
         }
@@ -210,5 +219,25 @@ mod tests {
         assert_eq!(stream(&tok, &mut d, &ids).0.concat(), "Hi");
         let mut d = Detokenizer::new(false, vec![], false);
         assert_eq!(stream(&tok, &mut d, &ids).0.concat(), "Hi<|im_end|>");
+    }
+
+    #[test]
+    fn bytes_that_never_form_a_character_are_released_within_a_bounded_wait() {
+        let tok = tokenizer();
+        // A token that decodes to a lone UTF-8 continuation byte (shown as U+FFFD).
+        let lone = (0..tok.get_vocab_size(true) as u32)
+            .find(|&id| tok.decode(&[id], false).ok().as_deref() == Some("\u{FFFD}"))
+            .expect("a byte-level token for a continuation byte");
+        let ids = vec![lone; 64];
+        let mut d = Detokenizer::new(true, vec![], false);
+        let mut before_finish = String::new();
+        for &id in &ids {
+            before_finish.push_str(&d.push(&tok, id).text);
+        }
+        // Released as it goes (at most MAX_PENDING held), not all at the end.
+        let released = before_finish.chars().filter(|&c| c == '\u{FFFD}').count();
+        assert!(released >= 64 - MAX_PENDING, "{released} released");
+        let all = before_finish + &d.finish(&tok).text;
+        assert_eq!(all, tok.decode(&ids, true).unwrap());
     }
 }

@@ -14,7 +14,7 @@ pub mod stats;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
 use ember_models::PagedKvCache;
@@ -27,7 +27,7 @@ pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput};
 pub use sequence::{SeqId, Sequence};
 pub use stats::EngineStats;
 
-use self::core::{Command, Engine};
+use self::core::{Command, Engine, TestHooks};
 use crate::model::LoadedModel;
 
 /// Most alternatives per token that logprobs may ask for.
@@ -70,7 +70,7 @@ pub struct EngineConfig {
     pub kv_cache_dtype: Option<DType>,
     /// Test hook: every completion is this text's tokens, then EOS, whatever the model says
     /// (log-probabilities stay the model's). Lets tests over tiny random models exercise
-    /// tool-call and reasoning parsing; never set in production.
+    /// tool-call and reasoning parsing. Library callers only (the CLI has no flag for it).
     pub debug_forced_output: Option<String>,
     /// Test hook: a failure to inject (library callers only; no CLI flag sets it).
     pub fault: Option<Fault>,
@@ -139,6 +139,7 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     limits: EngineLimits,
     running: Arc<AtomicBool>,
+    published: Arc<Mutex<EngineStats>>,
 }
 
 /// Lowered when the engine thread ends, by returning or by panicking (the unwind drops it).
@@ -198,6 +199,7 @@ impl EngineHandle {
             },
             BlockManager::new(num_blocks, cfg.block_size),
         );
+        let published = Arc::new(Mutex::new(EngineStats::default()));
         let forced_output = match &cfg.debug_forced_output {
             Some(text) => {
                 tracing::warn!("test hook: every completion is forced to {text:?}");
@@ -215,8 +217,11 @@ impl EngineHandle {
             scheduler,
             loaded.tokenizer,
             loaded.eos_token_ids,
-            forced_output,
-            cfg.fault,
+            TestHooks {
+                forced_output,
+                fault: cfg.fault,
+            },
+            published.clone(),
         );
         let (tx, rx) = mpsc::channel();
         let running = Arc::new(AtomicBool::new(true));
@@ -232,6 +237,7 @@ impl EngineHandle {
                 commands: tx,
                 limits,
                 running,
+                published,
             },
             thread,
         ))
@@ -331,7 +337,14 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// The engine's counters, or None when it has stopped.
+    /// The counters as the engine left them at the end of its last loop turn: no round trip,
+    /// so a scrape never waits for a step.
+    pub fn stats_snapshot(&self) -> EngineStats {
+        self.published.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The engine's counters, or None when it has stopped (a round trip: answered between
+    /// steps).
     pub fn stats(&self) -> Option<EngineStats> {
         let (tx, rx) = mpsc::channel();
         self.commands.send(Command::Stats(tx)).ok()?;

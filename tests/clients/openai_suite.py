@@ -4,9 +4,10 @@
 Run by tests/openai_sdk.rs (cargo test), with the SDK pinned in tests/clients/requirements.txt:
   python3 tests/clients/openai_suite.py --ember target/release/ember
 
-It starts two servers on free ports (one answering normally, one whose completions are forced
-by the test hook to contain reasoning and a tool call), runs every check, stops the servers with
-SIGTERM (they must exit 0) and exits non-zero if any check failed.
+It starts `ember serve` on a free port, runs every check against it and against a second server
+whose completions are forced to contain reasoning and a tool call (started in process by
+tests/openai_sdk.rs with a library-only test hook: `--forced-base`), stops its server with
+SIGTERM (it must exit 0) and exits non-zero if any check failed.
 """
 
 import argparse
@@ -30,10 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests/fixtures/models/qwen3"
 MODEL = "tiny"
 KEY = "suite-key"
-FORCED = (
-    "<think>Need the weather.</think>\n\nLet me check.<tool_call>\n"
-    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-)
 TOOLS = [
     {
         "type": "function",
@@ -89,6 +86,19 @@ class Server:
         code = self.proc.wait(timeout=60)
         if code != 0:
             raise RuntimeError(f"ember exited with {code} after SIGTERM")
+
+
+class Attached:
+    """A server someone else started (and stops): the forced-output one."""
+
+    def __init__(self, base):
+        self.base = base.rstrip("/")
+
+    def client(self, key=KEY):
+        return OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self):
+        pass
 
 
 def golden():
@@ -238,6 +248,7 @@ def check_tool_calls(c):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ember", required=True)
+    ap.add_argument("--forced-base", required=True, help="base URL of the forced-output server")
     args = ap.parse_args()
     print(f"openai SDK {openai.__version__}")
     failures = 0
@@ -245,8 +256,7 @@ def main():
     try:
         plain = Server(args.ember)
         servers.append(plain)
-        forced = Server(args.ember, "--debug-forced-output", FORCED)
-        servers.append(forced)
+        forced = Attached(args.forced_base)
         checks = [
             (check_chat, plain.client()),
             (check_completions, plain.client()),
