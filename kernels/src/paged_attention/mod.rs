@@ -95,13 +95,8 @@ trait RowOps<T> {
         row: F,
         out: *mut f32,
     ) {
-        for j in 0..ctx {
-            let vr = row(j);
-            for h in 0..group {
-                // SAFETY: as the caller guarantees.
-                unsafe { Self::axpy(out.add(h * d), *p.add(h * stride + j), vr, d) };
-            }
-        }
+        // SAFETY: as the caller guarantees.
+        unsafe { weighted_sum_by_rows::<T, Self, F>(p, stride, group, ctx, d, row, out) }
     }
     /// Asks for the `bytes` at `p` ahead of use (cache rows are scattered over blocks, which
     /// defeats the hardware prefetcher at every block boundary). A hint only.
@@ -142,6 +137,31 @@ trait RowOps<T> {
 }
 
 struct ScalarOps;
+
+/// [`RowOps::weighted_sum`] value row by value row, one [`RowOps::axpy`] per head: the default,
+/// and the fallback of paths whose register tiles need a head dim they do not have.
+///
+/// # Safety
+/// As [`RowOps::weighted_sum`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_sum_by_rows<T, R: RowOps<T> + ?Sized, F: Fn(usize) -> *const T>(
+    p: *const f32,
+    stride: usize,
+    group: usize,
+    ctx: usize,
+    d: usize,
+    row: F,
+    out: *mut f32,
+) {
+    for j in 0..ctx {
+        let vr = row(j);
+        for h in 0..group {
+            // SAFETY: as the caller guarantees.
+            unsafe { R::axpy(out.add(h * d), *p.add(h * stride + j), vr, d) };
+        }
+    }
+}
 
 impl<T: Widen> RowOps<T> for ScalarOps {
     #[inline(always)]

@@ -323,13 +323,9 @@ impl<T: Load8> RowOps<T> for Avx2Ops {
         // SAFETY: AVX2/FMA/F16C are enabled in every caller; as the trait's contract.
         unsafe {
             if !d.is_multiple_of(16) {
-                for j in 0..ctx {
-                    let vr = row(j);
-                    for h in 0..group {
-                        Self::axpy(out.add(h * d), *p.add(h * stride + j), vr, d);
-                    }
-                }
-                return;
+                return super::weighted_sum_by_rows::<T, Self, F>(
+                    p, stride, group, ctx, d, row, out,
+                );
             }
             for h0 in (0..group).step_by(4) {
                 let at = |hh: usize| (p.add((h0 + hh) * stride), out.add((h0 + hh) * d));
