@@ -269,3 +269,256 @@ fn tokenize_counts_what_chat_counts_with_tools_and_kwargs() {
     );
     assert_invalid(st, &r, "chat_template_kwargs.other", "\"other\":1");
 }
+
+/// Hostile bodies beyond `tests/api.rs`'s error statuses: each a 4xx in the OpenAI envelope
+/// naming the parameter, nothing of the raw input echoed back, and the server healthy after.
+#[test]
+fn hostile_inputs_get_clear_errors_and_leave_the_server_healthy() {
+    let s = TestServer::start("qwen3", api_config(), engine_config());
+    let user = |extra: Json| {
+        let mut b = chat("hello");
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // (route, body, status, param, a piece of the input that must not come back)
+    let cases: Vec<(&str, Json, u16, &str, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            user(json!({"temperature": 1e39})),
+            400,
+            "temperature",
+            "1e39",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"top_p": 0})),
+            400,
+            "top_p",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"top_p": 1.5})),
+            400,
+            "top_p",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"top_k": -7})),
+            400,
+            "top_k",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"min_p": 2})),
+            400,
+            "min_p",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"presence_penalty": 9})),
+            400,
+            "presence_penalty",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"frequency_penalty": -9})),
+            400,
+            "frequency_penalty",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"repetition_penalty": 0})),
+            400,
+            "repetition_penalty",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"max_tokens": 0})),
+            400,
+            "max_tokens",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"max_tokens": -5})),
+            400,
+            "max_tokens",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"n": 1_000_000})),
+            400,
+            "n",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"min_tokens": -1})),
+            400,
+            "min_tokens",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"logit_bias": {"hello-token": 1}})),
+            400,
+            "logit_bias",
+            "hello-token",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"logit_bias": {"5": 1000}})),
+            400,
+            "logit_bias",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"logit_bias": {"99999999": 1}})),
+            400,
+            "logit_bias",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            "top_logprobs",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"stop": [""]})),
+            400,
+            "stop",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"stop": vec!["s"; 17]})),
+            400,
+            "stop",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"stop": ["q".repeat(300)]})),
+            400,
+            "stop",
+            "qqqqqqqqqqqqqqqqqqqq",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"stop_token_ids": (0..65).collect::<Vec<u32>>()})),
+            400,
+            "stop_token_ids",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "model",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": "hello-string"}),
+            400,
+            "messages",
+            "hello-string",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+            "messages[0].role",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"tools": [{"type": "function"}]})),
+            400,
+            "tools[0]",
+            "zzz",
+        ),
+        (
+            "/v1/chat/completions",
+            user(json!({"tool_choice": "sometimes"})),
+            400,
+            "tool_choice",
+            "sometimes",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": [[]]}),
+            400,
+            "prompt",
+            "zzz",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": [-1]}),
+            400,
+            "prompt",
+            "zzz",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "echo": "yes-please"}),
+            400,
+            "echo",
+            "yes-please",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "logprobs": -1}),
+            400,
+            "logprobs",
+            "zzz",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": vec!["p"; 65]}),
+            400,
+            "prompt",
+            "zzz",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (route, body, status, param, raw) in &cases {
+        let (got, err) = s.post(route, body);
+        let ok = got == *status
+            && err["error"]["param"].as_str() == Some(*param)
+            && err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+            && err["error"]["type"].is_string()
+            && !err.to_string().contains(raw);
+        if !ok {
+            failures.push(format!("{route} {body} -> {got} {err}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Deeply nested JSON: refused by the parser, not a stack overflow.
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let (status, _, err) = http::post_raw(&s.url("/v1/chat/completions"), nested.as_bytes());
+    assert_eq!(status, 400, "{err}");
+    // Invalid UTF-8 in the body.
+    let (status, _, err) = http::post_raw(
+        &s.url("/v1/chat/completions"),
+        b"{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}",
+    );
+    assert_eq!(status, 400, "{err}");
+    canary(&s);
+}

@@ -325,10 +325,10 @@ fn tool_mode(req: &ChatRequest) -> Result<ToolMode, ApiError> {
             "none" => ToolMode::Off,
             "auto" => ToolMode::Auto,
             "required" => ToolMode::Required,
-            other => {
+            _ => {
                 return Err(ApiError::invalid(
                     "tool_choice",
-                    format!("'tool_choice' must be 'none', 'auto', 'required' or a named function, got {other:?}"),
+                    "'tool_choice' must be 'none', 'auto', 'required' or a named function",
                 ))
             }
         },
@@ -453,12 +453,10 @@ pub fn messages_json(messages: &[ChatMessage]) -> Result<Json, ApiError> {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             r @ ("user" | "assistant" | "tool") => r,
-            other => {
+            _ => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!(
-                    "unknown role {other:?}; expected system, developer, user, assistant or tool"
-                ),
+                    "unknown role; expected system, developer, user, assistant or tool",
                 ))
             }
         };

@@ -125,12 +125,9 @@ pub fn build(
     }
     let mut logit_bias = Vec::new();
     for (key, &bias) in p.logit_bias.iter().flatten() {
-        let token: u32 = key.parse().map_err(|_| {
-            ApiError::invalid(
-                "logit_bias",
-                format!("'logit_bias' keys must be token ids, got {key:?}"),
-            )
-        })?;
+        let token: u32 = key
+            .parse()
+            .map_err(|_| ApiError::invalid("logit_bias", "'logit_bias' keys must be token ids"))?;
         logit_bias.push((token, in_range("logit_bias", bias, -100.0, 100.0)?));
     }
     logit_bias.sort_by_key(|&(t, _)| t);

@@ -33,8 +33,45 @@ fn typed<'de, T: Deserialize<'de>>(
 ) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::invalid(path.clone(), format!("Invalid '{path}': {}", e.inner()))
+        let why = without_values(&e.inner().to_string());
+        ApiError::invalid(path.clone(), format!("Invalid '{path}': {why}"))
     })
+}
+
+/// A serde message without the request's own strings: `invalid type: string "…", expected …`
+/// and `unknown variant `…`, expected …` name the value they refused, and an error must not
+/// echo raw input back (it may be markup, a secret, or a terminal escape).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // A Debug-quoted string: drop it and the space before it.
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+                if out.ends_with(' ') {
+                    out.pop();
+                }
+            }
+            '`' if out.ends_with("unknown variant ") || out.ends_with("unknown field ") => {
+                for c in chars.by_ref() {
+                    if c == '`' {
+                        break;
+                    }
+                }
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn parse_object(bytes: &[u8], known: &[&str]) -> Result<Json, ApiError> {
@@ -329,5 +366,26 @@ mod tests {
         }
         let e = parse_with_common::<CompletionRequest>(br#"{"prompt": [-1]}"#, &known).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"), "{e:?}");
+    }
+}
+
+#[cfg(test)]
+mod value_free_messages {
+    use super::without_values;
+
+    #[test]
+    fn request_strings_are_dropped_from_serde_messages() {
+        assert_eq!(
+            without_values(r#"invalid type: string "<script>\"x", expected a sequence"#),
+            "invalid type: string, expected a sequence"
+        );
+        assert_eq!(
+            without_values("unknown variant `sometimes`, expected `none` or `auto`"),
+            "unknown variant, expected `none` or `auto`"
+        );
+        assert_eq!(
+            without_values("missing field `function`"),
+            "missing field `function`"
+        );
     }
 }
