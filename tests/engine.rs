@@ -334,6 +334,56 @@ fn n_completions_share_the_prompt_and_seeds_differ_per_completion() {
     );
 }
 
+/// Echo + logprobs with n > 1: the prompt's logprobs are computed and sent once (by the first
+/// completion), the other completions find its blocks in the prefix cache, and the values are
+/// those of a single completion's request.
+#[test]
+fn prompt_logprobs_are_computed_once_for_n_completions() {
+    let (handle, _) = engine("qwen3", small_config());
+    let prompt = extra_prompts(8).pop().unwrap(); // 38 tokens: two full blocks
+    let mut r = greedy(prompt.clone(), 4);
+    r.prompt_logprobs = Some(2);
+    let single = {
+        let mut stream = handle.submit(r.clone()).unwrap();
+        let Some(EngineEvent::PromptLogprobs(lps)) = stream.blocking_recv() else {
+            panic!("prompt logprobs come first");
+        };
+        collect(stream, 1);
+        lps
+    };
+    r.n = 3;
+    let mut stream = handle.submit(r).unwrap();
+    let mut sent = Vec::new();
+    let mut cached = [None; 3];
+    while cached.iter().any(Option::is_none) {
+        match stream.blocking_recv().expect("stream ended early") {
+            EngineEvent::PromptLogprobs(lps) => sent.push(lps),
+            EngineEvent::Finished {
+                index,
+                num_cached_tokens,
+                ..
+            } => cached[index] = Some(num_cached_tokens),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        sent.len(),
+        1,
+        "prompt logprobs sent once, not per completion"
+    );
+    assert_eq!(sent[0], single);
+    assert_eq!(
+        cached[0],
+        Some(0),
+        "the first completion computes every prompt row"
+    );
+    assert_eq!(
+        cached[1..],
+        [Some(32), Some(32)],
+        "the others reuse its blocks"
+    );
+}
+
 #[test]
 fn stop_strings_stop_tokens_min_tokens_and_eos() {
     let (handle, golden) = engine("qwen2", small_config());

@@ -13,9 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::Detokenizer;
 use super::request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
-use super::sampler::{
-    completion_seed, log_softmax, top_k_of, SampledToken, Sampler, SamplingParams,
-};
+use super::sampler::{completion_seed, token_logprob, SampledToken, Sampler, SamplingParams};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{SeqId, Sequence};
 use super::stats::EngineStats;
@@ -39,6 +37,9 @@ struct SeqState {
     events: UnboundedSender<EngineEvent>,
     /// Completions still to fork from this one when its prompt is done (n > 1).
     children_to_fork: usize,
+    /// Whether this sequence computes and sends the prompt logprobs: the first completion
+    /// only (the others are forked after them and share its cached prompt), until sent.
+    wants_prompt_logprobs: bool,
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     num_cached_tokens: Option<usize>,
     arrived: Instant,
@@ -164,7 +165,10 @@ impl Engine {
         // Each completion of a seeded request gets its own, reproducible stream.
         params.seed = params.seed.map(|s| completion_seed(s, index));
         let mut seq = Sequence::new(id, request.prompt.clone());
-        seq.use_prefix_cache = request.prompt_logprobs.is_none();
+        // Prompt logprobs need every prompt row's logits: no cached prefix may skip them.
+        let wants_prompt_logprobs = request.prompt_logprobs.is_some() && index == 0;
+        seq.use_prefix_cache = !wants_prompt_logprobs;
+        seq.full_logits = wants_prompt_logprobs;
         self.seqs.insert(
             id,
             SeqState {
@@ -177,6 +181,7 @@ impl Engine {
                 index,
                 events,
                 children_to_fork: children,
+                wants_prompt_logprobs,
                 prompt_logprobs: Vec::new(),
                 num_cached_tokens: None,
                 arrived,
@@ -220,7 +225,7 @@ impl Engine {
                 let wants = self
                     .seqs
                     .get(&s.id)
-                    .is_some_and(|st| st.request.prompt_logprobs.is_some());
+                    .is_some_and(|st| st.wants_prompt_logprobs);
                 wants && s.start_pos < prompt_len_of(&self.scheduler, s.id)
             })
             .collect();
@@ -312,19 +317,18 @@ impl Engine {
         if state.prompt_logprobs.is_empty() {
             state.prompt_logprobs.push(None);
         }
-        for (j, logits) in rows.iter().enumerate() {
-            let target = start_pos + j + 1;
-            if target >= prompt.len() {
-                break;
-            }
-            let lp = log_softmax(logits);
-            let token = prompt[target];
-            state.prompt_logprobs.push(Some(TokenLogprob {
-                token,
-                logprob: lp[token as usize],
-                top: top_k_of(&lp, k),
-            }));
-        }
+        // Row j predicts prompt token start_pos + j + 1; rows on the pool, each without a
+        // vocabulary-sized allocation.
+        let targets = &prompt[(start_pos + 1).min(prompt.len())..];
+        let rows = &rows[..rows.len().min(targets.len())];
+        let lps: Vec<Option<TokenLogprob>> = ember_kernels::on_pool(|| {
+            use rayon::prelude::*;
+            rows.par_iter()
+                .zip(targets)
+                .map(|(logits, &token)| Some(token_logprob(logits, token, k)))
+                .collect()
+        });
+        state.prompt_logprobs.extend(lps);
     }
 
     fn sample(&mut self, id: SeqId, logits: &[f32]) {
@@ -353,9 +357,11 @@ impl Engine {
         }
         if num_output == 0 {
             // The prompt is done: prompt logprobs first, then fork the other completions.
-            if req.prompt_logprobs.is_some() && !state.prompt_logprobs.is_empty() {
+            if state.wants_prompt_logprobs {
+                state.wants_prompt_logprobs = false;
                 let lps = std::mem::take(&mut state.prompt_logprobs);
                 let _ = state.events.send(EngineEvent::PromptLogprobs(lps));
+                self.scheduler.clear_full_logits(id);
             }
             let children = std::mem::take(&mut state.children_to_fork);
             let events = state.events.clone();

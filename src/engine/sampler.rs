@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::request::TokenLogprob;
+
 /// Validated sampling parameters of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -106,11 +108,6 @@ impl Sampler {
         banned: &[u32],
         forced: Option<u32>,
     ) -> SampledToken {
-        let raw_logprobs = self
-            .params
-            .top_logprobs
-            .is_some()
-            .then(|| log_softmax(logits));
         let token = match forced {
             Some(token) => token,
             None => {
@@ -124,9 +121,12 @@ impl Sampler {
             }
         };
         self.record(token);
-        let (logprob, top_logprobs) = match (&raw_logprobs, self.params.top_logprobs) {
-            (Some(lp), Some(k)) => (lp[token as usize], top_k_of(lp, k)),
-            _ => (f32::NAN, Vec::new()),
+        let (logprob, top_logprobs) = match self.params.top_logprobs {
+            Some(k) => {
+                let lp = token_logprob(logits, token, k);
+                (lp.logprob, lp.top)
+            }
+            None => (f32::NAN, Vec::new()),
         };
         SampledToken {
             token,
@@ -271,31 +271,84 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_z = max + sum.ln() as f32;
+    let log_z = log_normalizer(logits);
     logits.iter().map(|&l| l - log_z).collect()
 }
 
-/// The `k` most likely (token, logprob), highest first; ties by token id.
+/// log Σ exp(logits), the log-softmax's normalizer (the sum in f64).
+fn log_normalizer(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// `token`'s log-probability and the `k` most likely (token, logprob) under `logits`, exactly
+/// as [`log_softmax`] and [`top_k_of`] give them, without a vocabulary-sized allocation.
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let log_z = log_normalizer(logits);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            let c = (i as u32, l - log_z);
+            // Ids only grow: a tie with the worst kept entry ranks after it.
+            if top.len() == k && top.last().is_some_and(|w| by_logprob(&c, w).is_ge()) {
+                continue;
+            }
+            let at = top.partition_point(|t| by_logprob(t, &c).is_lt());
+            top.insert(at, c);
+            top.truncate(k);
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - log_z),
+        top,
+    }
+}
+
+/// Highest log-probability first; ties by token id.
+fn by_logprob(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The `k` most likely (token, logprob), highest first; ties by token id (the reference for
+/// [`token_logprob`]).
 pub fn top_k_of(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut all: Vec<(u32, f32)> = logprobs
         .iter()
         .enumerate()
         .map(|(i, &l)| (i as u32, l))
         .collect();
-    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if k > 0 && k < all.len() {
-        all.select_nth_unstable_by(k - 1, by);
+        all.select_nth_unstable_by(k - 1, by_logprob);
     }
     all.truncate(k);
-    all.sort_unstable_by(by);
+    all.sort_unstable_by(by_logprob);
     all
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_logprob_equals_the_full_log_softmax_and_top_k() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Coarse values: many exact ties, which rank by token id.
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| (rng.random_range(0..40) as f32) * 0.25 - 5.0)
+            .collect();
+        let full = log_softmax(&logits);
+        for k in [0, 1, 5, 20] {
+            for token in [0u32, 17, 4999] {
+                let lp = token_logprob(&logits, token, k);
+                assert_eq!(lp.logprob, full[token as usize]);
+                assert_eq!(lp.top, top_k_of(&full, k), "k {k}");
+            }
+        }
+    }
 
     fn sampler(params: SamplingParams) -> Sampler {
         Sampler::new(params, &[])

@@ -7,11 +7,18 @@
 //! goes back to the front of the queue, to be recomputed later (its cached prefix usually
 //! survives in the prefix cache). Then, if nothing was preempted, waiting sequences are admitted
 //! in arrival order while budget, sequence slots and blocks last, skipping their cached prefix.
+//! Prompt chunks that need every row's logits (prompt logprobs: rows × vocabulary floats on the
+//! host) share a smaller budget of [`FULL_LOGIT_ROWS_PER_STEP`] rows.
 
 use std::collections::VecDeque;
 
 use super::block_manager::BlockManager;
 use super::sequence::{SeqId, Sequence};
+
+/// Rows of full-vocabulary logits one step may produce for prompt logprobs (64 rows of a
+/// 152k vocabulary are 39 MB of f32): longer prompts that want them run in more, smaller
+/// chunks.
+pub const FULL_LOGIT_ROWS_PER_STEP: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -112,12 +119,23 @@ impl Scheduler {
 
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut budget = self.cfg.max_num_batched_tokens;
+        let mut rows_budget = FULL_LOGIT_ROWS_PER_STEP;
         let mut out = SchedulerOutput::default();
+        // A chunk's tokens, within both budgets.
+        let chunk = |seq: &Sequence, wanted: usize, budget: usize, rows_budget: usize| {
+            let n = wanted.min(budget);
+            if seq.needs_full_logits() {
+                n.min(rows_budget)
+            } else {
+                n
+            }
+        };
 
         // 1. Running sequences, oldest first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].num_uncomputed().min(budget);
+            let seq = &self.running[i];
+            let n = chunk(seq, seq.num_uncomputed(), budget, rows_budget);
             if n == 0 {
                 i += 1;
                 continue;
@@ -132,6 +150,9 @@ impl Scheduler {
                         num_tokens: n,
                     });
                     budget -= n;
+                    if seq.needs_full_logits() {
+                        rows_budget -= n;
+                    }
                     i += 1;
                     break;
                 }
@@ -166,7 +187,10 @@ impl Scheduler {
             let cached = hit
                 .as_ref()
                 .map_or(0, |h| h.num_blocks() * self.blocks.block_size());
-            let n = (seq.len() - cached).min(budget);
+            let n = chunk(seq, seq.len() - cached, budget, rows_budget);
+            if n == 0 {
+                break; // its rows wait for the next step; later arrivals wait behind it
+            }
             if !self
                 .blocks
                 .can_allocate(&seq.block_table, hit.as_ref(), cached + n)
@@ -193,6 +217,9 @@ impl Scheduler {
                 num_tokens: n,
             });
             budget -= n;
+            if seq.needs_full_logits() {
+                rows_budget -= n;
+            }
             self.running.push(seq);
         }
         out
@@ -219,6 +246,14 @@ impl Scheduler {
             }
         }
         ready
+    }
+
+    /// Stops bounding a sequence's prompt chunks for full logits (its prompt logprobs are sent;
+    /// a recompute after preemption needs only the last row).
+    pub fn clear_full_logits(&mut self, id: SeqId) {
+        if let Some(seq) = self.running_mut(id) {
+            seq.full_logits = false;
+        }
     }
 
     /// Appends a sampled token to a running sequence.

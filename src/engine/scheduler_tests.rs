@@ -40,6 +40,42 @@ fn step(s: &mut Scheduler, token: u32) -> SchedulerOutput {
     out
 }
 
+/// Prompt chunks that need every row's logits share FULL_LOGIT_ROWS_PER_STEP rows per step;
+/// other sequences fill the rest of the token budget, and decoding is not bounded by it.
+#[test]
+fn full_logit_rows_are_bounded_per_step() {
+    let rows = FULL_LOGIT_ROWS_PER_STEP;
+    let mut s = scheduler(256, 16, 4 * rows, 8);
+    for id in [1, 2] {
+        let mut seq = Sequence::new(id, prompt(rows + rows / 2, id as u32));
+        seq.use_prefix_cache = false;
+        seq.full_logits = true;
+        s.add(seq);
+    }
+    s.add(Sequence::new(3, prompt(rows, 9)));
+    // 1 takes the whole row budget; 2 waits for rows and 3 waits behind it (arrival order).
+    assert_eq!(step(&mut s, 5).seqs, vec![sched(1, 0, rows)]);
+    // 1's rest, then 2 gets the rows that remain, and 3 (no full logits) the tokens after.
+    assert_eq!(
+        step(&mut s, 5).seqs,
+        vec![
+            sched(1, rows, rows / 2),
+            sched(2, 0, rows / 2),
+            sched(3, 0, rows)
+        ]
+    );
+    // Decode tokens are not bounded by the rows (1 is past its prompt; 3 wants no rows).
+    s.clear_full_logits(1);
+    assert_eq!(
+        step(&mut s, 5).seqs,
+        vec![
+            sched(1, rows + rows / 2, 1),
+            sched(2, rows / 2, rows),
+            sched(3, rows, 1)
+        ]
+    );
+}
+
 #[test]
 fn long_prompts_are_prefilled_in_chunks_within_the_budget() {
     let mut s = scheduler(64, 4, 8, 4);

@@ -16,6 +16,9 @@ pub struct Sequence {
     pub block_table: BlockTable,
     /// False when every prompt token must be computed (prompt logprobs need their logits).
     pub use_prefix_cache: bool,
+    /// Whether its prompt chunks need the logits of every row (prompt logprobs): the scheduler
+    /// bounds those rows per step ([`super::scheduler::FULL_LOGIT_ROWS_PER_STEP`]).
+    pub full_logits: bool,
 }
 
 impl Sequence {
@@ -27,6 +30,7 @@ impl Sequence {
             num_computed: 0,
             block_table: BlockTable::default(),
             use_prefix_cache: true,
+            full_logits: false,
         }
     }
 
@@ -53,6 +57,11 @@ impl Sequence {
     /// Tokens still to be run through the model.
     pub fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// Whether the next chunk is (partly) prompt whose every row needs logits.
+    pub fn needs_full_logits(&self) -> bool {
+        self.full_logits && self.num_computed < self.prompt_len
     }
 
     /// The tokens and the block table at once (the block manager reads one and updates the other).
