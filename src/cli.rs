@@ -198,6 +198,12 @@ pub struct ServeArgs {
     /// Entries of logit_bias one request may give.
     #[arg(long, default_value_t = 1024)]
     pub max_logit_bias: usize,
+    /// Bytes a rendered chat prompt may have (the chat template's output).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_prompt_bytes: usize,
+    /// Seconds one request's chat-template rendering and tokenization may take (503 beyond).
+    #[arg(long, default_value_t = 10)]
+    pub preprocess_timeout: u64,
     /// Requests that may wait beyond --max-num-seqs before new ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub max_queued_requests: usize,

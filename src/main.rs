@@ -93,6 +93,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             add_generation_prompt: true,
             tools: None,
             enable_thinking: args.enable_thinking,
+            max_bytes: None, // the operator's own prompt
         };
         template.render(&serde_json::Value::Array(messages), &opts)?
     } else {
@@ -224,8 +225,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_stop_string_bytes: args.max_stop_string_bytes,
             max_stop_token_ids: args.max_stop_token_ids,
             max_logit_bias: args.max_logit_bias,
+            max_prompt_bytes: args.max_prompt_bytes,
         },
-        ..ApiConfig::default()
+        preprocess_timeout: std::time::Duration::from_secs(args.preprocess_timeout.max(1)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

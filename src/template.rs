@@ -1,7 +1,8 @@
 //! Chat templates from tokenizer_config.json, rendered with minijinja the way transformers'
 //! `apply_chat_template` renders them with Jinja2: trim_blocks and lstrip_blocks on, Python
 //! string methods (pycompat), `tojson` formatted like Python's `json.dumps`, `raise_exception`.
-//! Rendering is bounded by fuel so a hostile template cannot hang the process.
+//! Rendering is bounded by fuel so a hostile template cannot hang the process, and its output
+//! by a byte budget (`RenderOptions::max_bytes`).
 
 use std::path::Path;
 
@@ -23,6 +24,8 @@ pub enum TemplateError {
     Invalid(String),
     #[error("chat template failed: {0}")]
     Render(String),
+    #[error("the rendered prompt is over the limit of {0} bytes")]
+    TooLarge(usize),
 }
 
 /// What the caller passes to the template besides the messages.
@@ -33,6 +36,28 @@ pub struct RenderOptions {
     pub tools: Option<Json>,
     /// Qwen3's switch; not passed when `None` so the template's default applies.
     pub enable_thinking: Option<bool>,
+    /// The render stops with [`TemplateError::TooLarge`] past this many bytes of output.
+    pub max_bytes: Option<usize>,
+}
+
+/// The render's output, refusing to grow past its budget.
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other("output budget exceeded"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct ChatTemplate {
@@ -131,9 +156,16 @@ impl ChatTemplate {
         if let Some(eos) = &self.eos_token {
             ctx.insert("eos_token".into(), Json::String(eos.clone()));
         }
-        template
-            .render(Value::from_serialize(&ctx))
-            .map_err(|e| TemplateError::Render(render_error_message(&e)))
+        let limit = opts.max_bytes.unwrap_or(usize::MAX);
+        let mut out = Bounded {
+            out: Vec::new(),
+            limit,
+        };
+        match template.render_captured_to(Value::from_serialize(&ctx), &mut out) {
+            Ok(_) => String::from_utf8(out.out).map_err(|e| TemplateError::Render(e.to_string())),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => Err(TemplateError::TooLarge(limit)),
+            Err(e) => Err(TemplateError::Render(render_error_message(&e))),
+        }
     }
 }
 
@@ -326,5 +358,28 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("too long"), "{err}");
         assert!(start.elapsed().as_secs() < 30);
+    }
+
+    /// A template that repeats a message (few instructions, much output) stops at the byte
+    /// budget; an output within it renders whole.
+    #[test]
+    fn output_is_bounded_by_its_budget() {
+        let t = ChatTemplate::new(
+            "{% for i in range(1000) %}{{ messages[0] }}{% endfor %}".to_string(),
+            None,
+            None,
+        )
+        .unwrap();
+        let messages = json!(["x".repeat(1000)]);
+        let opts = |max| RenderOptions {
+            max_bytes: Some(max),
+            ..Default::default()
+        };
+        let err = t.render(&messages, &opts(100_000)).unwrap_err();
+        assert!(matches!(err, TemplateError::TooLarge(100_000)), "{err}");
+        assert_eq!(
+            t.render(&messages, &opts(1_000_000)).unwrap().len(),
+            1_000_000
+        );
     }
 }

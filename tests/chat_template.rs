@@ -41,6 +41,7 @@ fn qwen3_template_renders_like_transformers() {
                 .unwrap_or(false),
             tools: case.kwargs.get("tools").cloned(),
             enable_thinking: case.kwargs.get("enable_thinking").and_then(Value::as_bool),
+            max_bytes: None,
         };
         match template.render(&case.messages, &opts) {
             Ok(out) if out == case.rendered => {}

@@ -48,6 +48,7 @@ fn per_request_limits_are_refused_before_any_work() {
             max_stop_string_bytes: 8,
             max_stop_token_ids: 3,
             max_logit_bias: 2,
+            ..RequestLimits::default()
         },
         ..api_config()
     };
@@ -90,6 +91,40 @@ fn per_request_limits_are_refused_before_any_work() {
     let (st, r) = with("logit_bias", json!({"1": 1, "2": 2, "3": 3}));
     assert_invalid(st, &r, "logit_bias", "\"3\":3");
     let (st, r) = with("logit_bias", json!({"1": 1, "2": 2}));
+    assert_eq!(st, 200, "{r}");
+    canary(&s);
+}
+
+/// A template that repeats the conversation (few instructions, much output: a request's own
+/// template where the operator trusts them) stops at the rendered-prompt budget with a 400.
+#[test]
+fn a_rendered_prompt_is_bounded() {
+    let api = ApiConfig {
+        trust_request_chat_template: true,
+        limits: RequestLimits {
+            max_prompt_bytes: 10_000,
+            ..RequestLimits::default()
+        },
+        ..api_config()
+    };
+    let s = TestServer::start("qwen3", api, engine_config());
+    let repeat = |times: usize| {
+        let mut b = chat(&"y".repeat(100));
+        b["chat_template"] = json!(format!(
+            "{{% for i in range({times}) %}}{{{{ messages[0]['content'] }}}}{{% endfor %}}"
+        ));
+        b["max_tokens"] = json!(1);
+        b
+    };
+    let (st, r) = s.post("/v1/chat/completions", &repeat(1000));
+    assert_invalid(st, &r, "messages", &"y".repeat(100));
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("10000 bytes")),
+        "{r}"
+    );
+    let (st, r) = s.post("/v1/chat/completions", &repeat(2));
     assert_eq!(st, 200, "{r}");
     canary(&s);
 }

@@ -231,13 +231,15 @@ pub async fn handle(
         add_generation_prompt: true,
         tools: tools_json(req.tools.as_deref()),
         enable_thinking,
+        max_bytes: Some(state.0.config.limits.max_prompt_bytes),
     };
     let prefill = tool_mode.prefill();
     let tokenizer = ctx.tokenizer.clone();
-    let (prompt_opens_think, ids) = blocking(&state, move || {
+    let (prompt_opens_think, ids) = blocking(&state, move |deadline| {
         let mut text = template
             .render(&messages, &render)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        deadline.check()?;
         // Only the generation prompt decides whether the answer starts inside a think block:
         // a `<think>` a user wrote into a message must not turn the answer into reasoning.
         let conversation = template
@@ -249,6 +251,7 @@ pub async fn handle(
                 },
             )
             .unwrap_or_default();
+        deadline.check()?;
         let opens_think =
             ReasoningParser::prompt_opens_block(generation_prompt(&text, &conversation));
         if let Some(body) = prefill {

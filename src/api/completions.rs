@@ -16,7 +16,7 @@ use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
 use super::error::ApiError;
 use super::generation::{
     blocking, body_bytes, finish_reason_str, new_id, sse, stop_reason_json, unix_now, ChunkWriter,
-    Submission, Usage,
+    Deadline, Submission, Usage,
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
@@ -113,7 +113,10 @@ pub async fn handle(
     }
     let tokenizer = ctx.tokenizer.clone();
     let prompt_field = req.prompt;
-    let prompts = blocking(&state, move || prompts_of(prompt_field, &tokenizer)).await?;
+    let prompts = blocking(&state, move |deadline| {
+        prompts_of(prompt_field, &tokenizer, deadline)
+    })
+    .await?;
     let limit = ctx.limits.max_model_len.min(ctx.limits.max_cache_tokens);
     let mut requests = Vec::with_capacity(prompts.len());
     for p in &prompts {
@@ -142,8 +145,13 @@ pub async fn handle(
     }
 }
 
-fn prompts_of(field: PromptField, tokenizer: &Tokenizer) -> Result<Vec<Prompt>, ApiError> {
+fn prompts_of(
+    field: PromptField,
+    tokenizer: &Tokenizer,
+    deadline: Deadline,
+) -> Result<Vec<Prompt>, ApiError> {
     let encode = |text: String| -> Result<Prompt, ApiError> {
+        deadline.check()?;
         let ids = tokenizer
             .encode(text.as_str(), true)
             .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
@@ -152,6 +160,7 @@ fn prompts_of(field: PromptField, tokenizer: &Tokenizer) -> Result<Vec<Prompt>, 
         Ok(Prompt { ids, text })
     };
     let decode = |ids: Vec<u32>| -> Result<Prompt, ApiError> {
+        deadline.check()?;
         let vocab = tokenizer.get_vocab_size(true) as u32;
         if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
             return Err(ApiError::invalid(

@@ -36,13 +36,36 @@ pub fn body_bytes(
     })
 }
 
-/// Runs CPU work (templates, tokenization) off the async runtime, bounded in time.
+/// When a request's preprocessing must have finished. A blocking thread cannot be cancelled:
+/// the work checks its deadline between stages (renders, tokenizations), so that work whose
+/// request has already been answered 503 stops at its next stage instead of running on.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    pub fn check(&self) -> Result<(), ApiError> {
+        if Instant::now() >= self.0 {
+            return Err(ApiError::unavailable("Preparing the prompt took too long."));
+        }
+        Ok(())
+    }
+}
+
+/// Runs CPU work (templates, tokenization) off the async runtime, bounded in time
+/// (`preprocess_timeout`).
 pub async fn blocking<T: Send + 'static>(
     state: &AppState,
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    work: impl FnOnce(Deadline) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let timeout = state.0.config.preprocess_timeout;
-    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(work)).await {
+    bounded(state.0.config.preprocess_timeout, work).await
+}
+
+async fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    work: impl FnOnce(Deadline) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let deadline = Deadline(Instant::now() + timeout);
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || work(deadline))).await {
         Ok(Ok(result)) => result,
         Ok(Err(e)) => Err(ApiError::internal(format!(
             "preprocessing task failed: {e}"
@@ -50,7 +73,7 @@ pub async fn blocking<T: Send + 'static>(
         // The server's own bound, not the request's fault: 503, and the client may retry.
         Err(_) => Err(ApiError::unavailable(format!(
             "Preparing the prompt took longer than {} s.",
-            timeout.as_secs()
+            timeout.as_secs_f32()
         ))),
     }
 }
@@ -235,4 +258,42 @@ pub fn sse<W: ChunkWriter>(submission: Submission, writer: W) -> Response {
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Work past its deadline is answered 503 at once, and stops at its next stage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timed_out_work_stops_at_its_next_stage() {
+        let second_stage_ran = Arc::new(AtomicBool::new(false));
+        let ran = second_stage_ran.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let result = bounded(Duration::from_millis(100), move |deadline| {
+            std::thread::sleep(Duration::from_millis(400)); // a slow first stage
+            let checked = deadline.check();
+            if checked.is_ok() {
+                ran.store(true, Ordering::SeqCst);
+            }
+            let _ = done_tx.send(());
+            checked
+        })
+        .await;
+        let err = result.expect_err("past its deadline");
+        assert_eq!(err.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the work ended");
+        assert!(!second_stage_ran.load(Ordering::SeqCst));
+        // Within its deadline, the work runs whole.
+        let ok = bounded(Duration::from_secs(5), |deadline| {
+            deadline.check().map(|_| 7)
+        })
+        .await;
+        assert_eq!(ok.ok(), Some(7));
+    }
 }

@@ -116,8 +116,9 @@ pub async fn tokenize(
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
                 tools: tools_json(req.tools.as_deref()),
                 enable_thinking: template_kwargs(req.chat_template_kwargs.as_ref())?,
+                max_bytes: Some(state.0.config.limits.max_prompt_bytes),
             };
-            let text = blocking(&state, move || {
+            let text = blocking(&state, move |_| {
                 template
                     .render(&messages, &opts)
                     .map_err(|e| ApiError::invalid("messages", e.to_string()))
@@ -133,7 +134,7 @@ pub async fn tokenize(
         }
     };
     let (text, special) = text_and_special;
-    let tokens = blocking(&state, move || {
+    let tokens = blocking(&state, move |_| {
         tokenizer
             .encode(text.as_str(), special)
             .map(|e| e.get_ids().to_vec())
@@ -163,7 +164,7 @@ pub async fn detokenize(
         ));
     }
     let tokenizer = ctx.tokenizer.clone();
-    let text = blocking(&state, move || {
+    let text = blocking(&state, move |_| {
         tokenizer
             .decode(&req.tokens, false)
             .map_err(|e| ApiError::internal(format!("detokenizing: {e}")))

@@ -43,7 +43,8 @@ pub struct ApiConfig {
     pub trust_request_chat_template: bool,
     /// Replaces the model's chat template.
     pub chat_template: Option<Arc<ChatTemplate>>,
-    /// Bound on rendering a chat template and tokenizing one request.
+    /// Bound on rendering a chat template and tokenizing one request: past it the request gets
+    /// 503 and its preprocessing stops at its next stage.
     pub preprocess_timeout: Duration,
     /// What one request may carry.
     pub limits: RequestLimits,
@@ -64,6 +65,8 @@ pub struct RequestLimits {
     pub max_stop_token_ids: usize,
     /// Entries of `logit_bias`.
     pub max_logit_bias: usize,
+    /// Bytes of a rendered chat prompt (the template's output).
+    pub max_prompt_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -75,6 +78,7 @@ impl Default for RequestLimits {
             max_stop_string_bytes: 256,
             max_stop_token_ids: 64,
             max_logit_bias: 1024,
+            max_prompt_bytes: 16 << 20,
         }
     }
 }
