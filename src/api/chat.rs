@@ -360,7 +360,7 @@ fn tool_mode(req: &ChatRequest) -> Result<ToolMode, ApiError> {
         if !tools.iter().any(|t| &t.function.name == name) {
             return Err(ApiError::invalid(
                 "tool_choice",
-                format!("the function {name:?} is not among 'tools'"),
+                "the function 'tool_choice' names is not among 'tools'",
             ));
         }
     }

@@ -32,10 +32,22 @@ fn typed<'de, T: Deserialize<'de>>(
     value: impl serde::Deserializer<'de, Error = serde_json::Error>,
 ) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let why = without_values(&e.inner().to_string());
+        let inner = e.inner().to_string();
+        let path = match missing_field(&inner) {
+            // The missing field is the parameter at fault, not the object around it.
+            Some(field) if e.path().iter().next().is_none() => field.to_string(),
+            Some(field) => format!("{}.{field}", e.path()),
+            None => e.path().to_string(),
+        };
+        let why = without_values(&inner);
         ApiError::invalid(path.clone(), format!("Invalid '{path}': {why}"))
     })
+}
+
+/// The field of serde's "missing field `name`" message (a name from our own types).
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next()
 }
 
 /// A serde message without the request's own strings: `invalid type: string "…", expected …`
