@@ -6,14 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use ember_models::{eos_token_ids, load_model, resolve, QwenModel};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::device::DeviceSpec;
-use crate::template::ChatTemplate;
+use crate::template::{ChatTemplate, TemplateError};
 
 /// Sampling defaults a checkpoint ships in generation_config.json.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -32,10 +32,20 @@ pub struct LoadedModel {
     pub defaults: GenerationDefaults,
 }
 
-fn read_defaults(path: Option<&Path>) -> GenerationDefaults {
-    path.and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default()
+/// Sampling defaults from generation_config.json: a file that is not JSON is an error naming
+/// it; fields of unexpected types are ignored with a warning (the defaults stay Ember's).
+fn read_defaults(path: Option<&Path>) -> Result<GenerationDefaults> {
+    let Some(path) = path else {
+        return Ok(GenerationDefaults::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(serde_json::from_value(json).unwrap_or_else(|e| {
+        tracing::warn!("{}: sampling defaults ignored: {e}", path.display());
+        GenerationDefaults::default()
+    }))
 }
 
 impl LoadedModel {
@@ -70,8 +80,13 @@ impl LoadedModel {
                 .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
             Ok((model, tokenizer))
         })?;
+        // No chat template (a base model) is fine; a broken file or template is an error.
         let template = match &files.tokenizer_config {
-            Some(path) => ChatTemplate::from_tokenizer_config(path).ok().map(Arc::new),
+            Some(path) => match ChatTemplate::from_tokenizer_config(path) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(TemplateError::Missing(_)) => None,
+                Err(e) => bail!("{}: {e}", path.display()),
+            },
             None => None,
         };
         let eos_token_ids = eos_token_ids(&files, model.config())?;
@@ -80,7 +95,7 @@ impl LoadedModel {
             tokenizer: Arc::new(tokenizer),
             template,
             eos_token_ids,
-            defaults: read_defaults(files.generation_config.as_deref()),
+            defaults: read_defaults(files.generation_config.as_deref())?,
         })
     }
 

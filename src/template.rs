@@ -86,7 +86,7 @@ impl ChatTemplate {
     /// bos/eos tokens from tokenizer_config.json.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self, TemplateError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| TemplateError::Missing(format!("{}: {e}", path.display())))?;
+            .map_err(|e| TemplateError::Invalid(format!("{}: {e}", path.display())))?;
         let config: Json = serde_json::from_str(&text)
             .map_err(|e| TemplateError::Invalid(format!("{}: {e}", path.display())))?;
         let source = match config.get("chat_template") {
