@@ -114,6 +114,11 @@ pub struct ServeBenchArgs {
     /// Per-request read timeout in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// This fraction of requests hang up early, as clients that give up do: half before their
+    /// first token, half after a few chunks. Counted as cancelled, not failed, and left out of
+    /// the latency figures (for soak tests).
+    #[arg(long, default_value_t = 0.0)]
+    pub cancel_fraction: f64,
 }
 
 #[derive(Debug, Args)]

@@ -50,7 +50,7 @@ fn records_match_what_the_server_did() {
     for endpoint in [Endpoint::Completions, Endpoint::Chat] {
         for load in loads {
             let bar = ProgressBar::hidden();
-            let (records, elapsed) = run(&target(&s, endpoint), &prompts, load, 1, &bar);
+            let (records, elapsed) = run(&target(&s, endpoint), &prompts, load, (1, &[]), &bar);
             assert_eq!(bar.position(), 8);
             for r in &records {
                 assert!(r.ok, "{:?}", r.error);
@@ -78,11 +78,45 @@ fn records_match_what_the_server_did() {
         &bad,
         &prompts[..2],
         Load::Concurrency(1),
-        1,
+        (1, &[]),
         &ProgressBar::hidden(),
     );
     assert!(records.iter().all(|r| !r.ok));
     assert!(records[0].error.as_deref().unwrap().contains("404"));
+}
+
+/// Clients that hang up (before their first token and mid-stream) are counted as cancelled,
+/// not failed; the server aborts them and frees their blocks, and the rest complete.
+#[test]
+fn cancelled_requests_are_counted_and_aborted() {
+    let s = TestServer::start("qwen3", api_config(), engine_config());
+    let prompts = synthetic(&tokenizer(), 24, 32, 200, 3).unwrap();
+    let cancel = ember::bench::serve::cancellations(prompts.len(), 0.5, 9);
+    let expected = cancel.iter().filter(|c| c.is_some()).count();
+    assert!(expected > 0 && expected < prompts.len());
+    assert!(cancel.contains(&Some(0)) && cancel.iter().any(|c| c.is_some_and(|k| k > 0)));
+    let (records, elapsed) = run(
+        &target(&s, Endpoint::Completions),
+        &prompts,
+        Load::Concurrency(8),
+        (1, &cancel),
+        &ProgressBar::hidden(),
+    );
+    let summary = Summary::of(&records, elapsed.as_secs_f64(), &Slo::default());
+    assert_eq!(summary.cancelled, expected);
+    assert_eq!(
+        summary.failed,
+        0,
+        "{:?}",
+        records.iter().find_map(|r| r.error.clone())
+    );
+    assert_eq!(summary.completed, prompts.len() - expected);
+    assert_eq!(summary.total_output_tokens, 200 * summary.completed);
+    let abort = "ember_request_success_total{finished_reason=\"abort\"}";
+    assert!(http::eventually(10, || s.metric(abort) >= 1.0));
+    assert!(http::eventually(10, || s
+        .metric("ember_kv_cache_usage_ratio")
+        == 0.0));
 }
 
 #[test]

@@ -74,8 +74,14 @@ impl Target {
         body
     }
 
-    /// Sends one streaming request and times it.
-    pub fn send(&self, agent: &ureq::Agent, prompt: &BenchPrompt) -> RequestRecord {
+    /// Sends one streaming request and times it; with `cancel_after`, hangs up once that many
+    /// output chunks have come (0: as soon as the response starts).
+    pub fn send(
+        &self,
+        agent: &ureq::Agent,
+        prompt: &BenchPrompt,
+        cancel_after: Option<usize>,
+    ) -> RequestRecord {
         let failed = |error: String| RequestRecord {
             ok: false,
             error: Some(error),
@@ -107,6 +113,13 @@ impl Target {
         let mut last = start;
         let mut itl = Vec::new();
         let mut usage: Option<(usize, usize)> = None;
+        let cancelled = RequestRecord {
+            cancelled: true,
+            ..RequestRecord::default()
+        };
+        if cancel_after == Some(0) {
+            return cancelled; // dropping the response closes the connection
+        }
         for line in BufReader::new(response.into_reader()).lines() {
             let line = match line {
                 Ok(l) => l,
@@ -136,6 +149,9 @@ impl Target {
                 }
                 last = now;
                 chunks += 1;
+                if cancel_after == Some(chunks) {
+                    return cancelled;
+                }
             }
         }
         let Some(ttft) = ttft else {
@@ -147,6 +163,7 @@ impl Target {
         };
         RequestRecord {
             ok: true,
+            cancelled: false,
             error: None,
             prompt_tokens,
             output_tokens,
@@ -194,14 +211,30 @@ impl Slots {
     }
 }
 
-/// Sends every prompt under `load`; returns the records (in prompt order) and the duration.
+/// Which requests hang up, and when (see [`Target::send`]): a `fraction` of them, half before
+/// their first token and half after 1-8 chunks, drawn from `seed`.
+pub fn cancellations(count: usize, fraction: f64, seed: u64) -> Vec<Option<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xca9c_e11e);
+    (0..count)
+        .map(|_| {
+            let cancel = rng.random_bool(fraction.clamp(0.0, 1.0));
+            let early = rng.random_bool(0.5);
+            let chunks = rng.random_range(1..=8);
+            cancel.then_some(if early { 0 } else { chunks })
+        })
+        .collect()
+}
+
+/// Sends every prompt under `load`, request i hanging up as `cancel[i]` says; returns the
+/// records (in prompt order) and the duration.
 pub fn run(
     target: &Target,
     prompts: &[BenchPrompt],
     load: Load,
-    seed: u64,
+    (seed, cancel): (u64, &[Option<usize>]),
     progress: &ProgressBar,
 ) -> (Vec<RequestRecord>, Duration) {
+    let cancel_of = |i: usize| cancel.get(i).copied().flatten();
     let agent = ureq::AgentBuilder::new()
         .timeout_read(target.timeout)
         .timeout_connect(Duration::from_secs(10))
@@ -225,7 +258,7 @@ pub fn run(
                         let Some(prompt) = prompts.get(i) else {
                             break;
                         };
-                        record(i, target.send(&agent, prompt));
+                        record(i, target.send(&agent, prompt, cancel_of(i)));
                     });
                 }
             });
@@ -249,9 +282,9 @@ pub fn run(
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                     }
                     slots.acquire();
-                    let (slots, agent, record) = (&slots, &agent, &record);
+                    let (slots, agent, record, cancel_of) = (&slots, &agent, &record, &cancel_of);
                     s.spawn(move || {
-                        record(i, target.send(agent, prompt));
+                        record(i, target.send(agent, prompt, cancel_of(i)));
                         slots.release();
                     });
                 }

@@ -9,6 +9,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestRecord {
     pub ok: bool,
+    /// The client hung up on purpose (`--cancel-fraction`): neither ok nor failed.
+    pub cancelled: bool,
     pub error: Option<String>,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
@@ -119,6 +121,7 @@ impl Slo {
 pub struct Summary {
     pub completed: usize,
     pub failed: usize,
+    pub cancelled: usize,
     pub duration_s: f64,
     pub total_input_tokens: usize,
     pub total_output_tokens: usize,
@@ -146,7 +149,8 @@ impl Summary {
         let e2es: Vec<f64> = ok.iter().map(|r| r.e2e).collect();
         Self {
             completed: ok.len(),
-            failed: records.len() - ok.len(),
+            failed: records.iter().filter(|r| !r.ok && !r.cancelled).count(),
+            cancelled: records.iter().filter(|r| r.cancelled).count(),
             duration_s,
             total_input_tokens: input,
             total_output_tokens: output,
@@ -199,6 +203,7 @@ mod tests {
             e2e,
             itl: itl.to_vec(),
             error: None,
+            cancelled: false,
         }
     }
 

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::dataset::{self, BenchPrompt};
 use super::plot::{write_svg, SweepPoint};
-use super::serve::{run, Endpoint, Load, Target};
+use super::serve::{cancellations, run, Endpoint, Load, Target};
 use super::stats::{Slo, Summary};
 use crate::cli::{BenchEndpoint, ServeBenchArgs};
 
@@ -110,6 +110,9 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
             })
             .collect()
     };
+    if !(0.0..=1.0).contains(&args.cancel_fraction) {
+        bail!("--cancel-fraction must be between 0 and 1");
+    }
     if loads.is_empty() || args.num_prompts == 0 {
         bail!("nothing to run: give --num-prompts and --concurrency or --request-rate");
     }
@@ -134,9 +137,11 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
         bar.set_message(format!("{kind} {value}"));
         let (warmup, measured) = all[i * per_run..(i + 1) * per_run].split_at(args.warmup);
         if !warmup.is_empty() {
-            run(&target, warmup, load, args.seed, &bar);
+            run(&target, warmup, load, (args.seed, &[]), &bar);
         }
-        let (records, elapsed) = run(&target, measured, load, args.seed + i as u64, &bar);
+        let seed = args.seed + i as u64;
+        let cancel = cancellations(measured.len(), args.cancel_fraction, seed);
+        let (records, elapsed) = run(&target, measured, load, (seed, &cancel), &bar);
         let summary = Summary::of(&records, elapsed.as_secs_f64(), &slo);
         let mut errors: Vec<String> = records.iter().filter_map(|r| r.error.clone()).collect();
         errors.dedup();
@@ -159,6 +164,12 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
         print_row(label, summary);
     }
     for r in &runs {
+        if r.summary.cancelled > 0 {
+            eprintln!(
+                "{} {}: {} cancelled by the client (--cancel-fraction)",
+                r.load, r.value, r.summary.cancelled
+            );
+        }
         if let Some(first) = r.errors.first() {
             eprintln!(
                 "{} {}: {} failed, e.g. {first}",
