@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use ember_models::{Batch, LogitsRows, PagedKvCache};
 
-use crate::engine::detokenizer::Detokenizer;
+use crate::engine::detokenizer::{Detokenizer, TokenBytes};
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::model::LoadedModel;
 
@@ -45,6 +45,9 @@ impl LoadedModel {
         let mut sampler = Sampler::new(params.clone(), prompt);
         let mut generated: Vec<u32> = Vec::with_capacity(max_tokens);
         let mut detok = Detokenizer::new(true, Vec::new(), false);
+        if let Some(table) = TokenBytes::new(&self.tokenizer) {
+            detok = detok.exact(std::sync::Arc::new(table));
+        }
         let start = Instant::now();
         let mut prompt_time = Duration::ZERO;
         let mut next_input: Vec<u32> = prompt.to_vec();

@@ -1,9 +1,17 @@
 //! Incremental detokenization: each new token yields the text it completes, never a broken
-//! UTF-8 sequence (byte-level BPE splits characters across tokens), with the work per token
-//! bounded by the few tokens since the last complete character. Stop strings are found in
+//! UTF-8 sequence (byte-level BPE splits characters across tokens). Stop strings are found in
 //! the text as it grows, each search looking only at the new text plus a stop string's length.
+//!
+//! Byte-level tokenizers (every Qwen one) go byte-exact: each token's bytes come from a table
+//! built once ([`TokenBytes`]) and pass through a streaming UTF-8 decoder that holds back at
+//! most an incomplete character's 3 bytes and replaces invalid bytes as
+//! `String::from_utf8_lossy` does, so the pieces add up to `Tokenizer::decode` exactly, with
+//! O(1) work per token. Other decoders re-decode a short window of tokens, waiting at most
+//! [`MAX_PENDING`] tokens for a character to complete.
 
-use tokenizers::Tokenizer;
+use std::sync::Arc;
+
+use tokenizers::{DecoderWrapper, Tokenizer};
 
 /// Most tokens held back waiting for a character to complete.
 const MAX_PENDING: usize = 8;
@@ -17,7 +25,85 @@ pub struct TextDelta {
     pub stopped_by: Option<String>,
 }
 
+/// Every token's bytes as a byte-level decoder produces them, and whether it is special: what
+/// `Tokenizer::decode` concatenates before its lossy UTF-8 conversion.
+#[derive(Debug)]
+pub struct TokenBytes {
+    bytes: Vec<u8>,
+    /// Token id's bytes are `bytes[ends[id - 1]..ends[id]]` (from 0 for id 0).
+    ends: Vec<u32>,
+    special: Vec<bool>,
+}
+
+/// GPT-2's byte-to-character map, inverted: printable Latin-1 bytes stand for themselves, the
+/// rest (controls, space, 0x7f-0xa0, 0xad) for U+0100 upward in byte order.
+fn byte_of_char(c: char) -> Option<u8> {
+    static TABLE: std::sync::OnceLock<[Option<u8>; 512]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = [None; 512];
+        let mut next = 256;
+        for b in 0..=255u8 {
+            let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+            let c = if printable {
+                usize::from(b)
+            } else {
+                next += 1;
+                next - 1
+            };
+            table[c] = Some(b);
+        }
+        table
+    });
+    table.get(c as usize).copied().flatten()
+}
+
+impl TokenBytes {
+    /// The table for a tokenizer whose decoder is plain byte-level; None for any other.
+    pub fn new(tokenizer: &Tokenizer) -> Option<Self> {
+        if !matches!(tokenizer.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            return None;
+        }
+        let specials: std::collections::HashSet<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let n = tokenizer.get_vocab_size(true);
+        let mut table = Self {
+            bytes: Vec::new(),
+            ends: Vec::with_capacity(n),
+            special: Vec::with_capacity(n),
+        };
+        for id in 0..n as u32 {
+            if let Some(token) = tokenizer.id_to_token(id) {
+                // As the byte-level decoder does: mapped bytes where every character is in
+                // the map, else the token's own UTF-8 (added tokens such as `<think>`).
+                match token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
+                    Some(bytes) => table.bytes.extend(bytes),
+                    None => table.bytes.extend(token.as_bytes()),
+                }
+            }
+            table.ends.push(u32::try_from(table.bytes.len()).ok()?);
+            table.special.push(specials.contains(&id));
+        }
+        Some(table)
+    }
+
+    /// A token's bytes (none for an id outside the vocabulary, or a skipped special token).
+    fn of(&self, id: u32, skip_special: bool) -> &[u8] {
+        let i = id as usize;
+        if i >= self.ends.len() || (skip_special && self.special[i]) {
+            return &[];
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+}
+
 pub struct Detokenizer {
+    /// The byte-exact path's table and the bytes of a character not yet complete.
+    exact: Option<(Arc<TokenBytes>, Vec<u8>)>,
     skip_special_tokens: bool,
     tokens: Vec<u32>,
     /// tokens[prefix_offset..read_offset] decode to text already in `text`.
@@ -39,6 +125,7 @@ impl Detokenizer {
     pub fn new(skip_special_tokens: bool, stop: Vec<String>, include_stop_str: bool) -> Self {
         let max_stop_len = stop.iter().map(String::len).max().unwrap_or(0);
         Self {
+            exact: None,
             skip_special_tokens,
             tokens: Vec::new(),
             prefix_offset: 0,
@@ -53,6 +140,59 @@ impl Detokenizer {
         }
     }
 
+    /// Decodes byte-exact from `table` (see the module's notes) instead of re-decoding tokens.
+    pub fn exact(mut self, table: Arc<TokenBytes>) -> Self {
+        self.exact = Some((table, Vec::new()));
+        self
+    }
+
+    /// The byte-exact step: appends the token's bytes and moves every complete character (and
+    /// a U+FFFD for each invalid sequence, as `from_utf8_lossy`) into the text; an incomplete
+    /// character's bytes wait, or at the end become one U+FFFD.
+    fn push_bytes(&mut self, token: Option<u32>) -> bool {
+        let Some((table, pending)) = self.exact.as_mut() else {
+            return false;
+        };
+        if let Some(id) = token {
+            pending.extend_from_slice(table.of(id, self.skip_special_tokens));
+        }
+        let mut rest: &[u8] = pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    self.text.push_str(valid);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    // The first `valid_up_to` bytes are valid UTF-8: this never falls back.
+                    self.text
+                        .push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            self.text.push('\u{FFFD}');
+                            rest = &after[n..];
+                        }
+                        None if token.is_none() => {
+                            self.text.push('\u{FFFD}');
+                            rest = &[];
+                            break;
+                        }
+                        None => {
+                            rest = after;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = rest.len();
+        let drop = pending.len() - keep;
+        pending.drain(..drop);
+        true
+    }
+
     fn decode(&self, tokenizer: &Tokenizer, range: std::ops::Range<usize>) -> String {
         tokenizer
             .decode(&self.tokens[range], self.skip_special_tokens)
@@ -63,6 +203,9 @@ impl Detokenizer {
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> TextDelta {
         if self.finished {
             return TextDelta::default();
+        }
+        if self.push_bytes(Some(token)) {
+            return self.take(false);
         }
         self.tokens.push(token);
         let prefix = self.decode(tokenizer, self.prefix_offset..self.read_offset);
@@ -89,6 +232,9 @@ impl Detokenizer {
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> TextDelta {
         if self.finished {
             return TextDelta::default();
+        }
+        if self.push_bytes(None) {
+            return self.take(true);
         }
         if self.read_offset < self.tokens.len() {
             let prefix = self.decode(tokenizer, self.prefix_offset..self.read_offset);
@@ -239,5 +385,84 @@ mod tests {
         assert!(released >= 64 - MAX_PENDING, "{released} released");
         let all = before_finish + &d.finish(&tok).text;
         assert_eq!(all, tok.decode(&ids, true).unwrap());
+    }
+
+    fn table(tok: &Tokenizer) -> Arc<TokenBytes> {
+        Arc::new(TokenBytes::new(tok).expect("a byte-level tokenizer"))
+    }
+
+    #[test]
+    fn the_byte_map_covers_every_byte_once() {
+        let mut seen = [0u32; 256];
+        for c in (0..0x200u32).filter_map(char::from_u32) {
+            if let Some(b) = byte_of_char(c) {
+                seen[b as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('中'), None);
+    }
+
+    /// Any ids at all (broken UTF-8, lone continuation bytes, specials, real U+FFFD text): the
+    /// byte-exact pieces add up to `Tokenizer::decode`, skipping specials or not, and an
+    /// incomplete character never waits for more than its own bytes.
+    #[test]
+    fn byte_exact_pieces_add_up_to_the_full_decode_for_any_ids() {
+        use rand::{Rng, SeedableRng};
+        let tok = tokenizer();
+        let table = table(&tok);
+        let vocab = tok.get_vocab_size(true) as u32;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut cases: Vec<Vec<u32>> = (0..300)
+            .map(|_| {
+                let n = rng.random_range(0..40);
+                (0..n).map(|_| rng.random_range(0..vocab)).collect()
+            })
+            .collect();
+        cases.push(
+            tok.encode("\u{FFFD}\u{FFFD}\u{800} 🙂 中文", false)
+                .unwrap()
+                .get_ids()
+                .to_vec(),
+        );
+        for ids in &cases {
+            for skip in [true, false] {
+                let mut d = Detokenizer::new(skip, vec![], false).exact(table.clone());
+                let (pieces, _) = stream(&tok, &mut d, ids);
+                assert_eq!(pieces.concat(), tok.decode(ids, skip).unwrap(), "{ids:?}");
+                let held = d.exact.as_ref().map_or(0, |(_, p)| p.len());
+                assert_eq!(held, 0, "finish releases everything");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_exact_streams_characters_as_soon_as_they_are_complete() {
+        let tok = tokenizer();
+        let text = "你好🙂 café \u{FFFD}\u{FFFD}\u{800}";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let mut d = Detokenizer::new(true, vec![], false).exact(table(&tok));
+        let mut out = String::new();
+        for (i, &id) in ids.iter().enumerate() {
+            out += &d.push(&tok, id).text;
+            // Only final text goes out, and all of it but at most one character still
+            // incomplete (shown as one U+FFFD by a decode of the ids so far).
+            let so_far = tok.decode(&ids[..=i], true).unwrap();
+            let held_back = so_far.chars().last().map_or(0, char::len_utf8);
+            assert!(
+                text.starts_with(out.as_str()),
+                "after {} ids: {out:?}",
+                i + 1
+            );
+            assert!(
+                out.len() + held_back >= so_far.len(),
+                "after {} ids: {out:?}",
+                i + 1
+            );
+        }
+        out += &d.finish(&tok).text;
+        assert_eq!(out, text);
     }
 }
