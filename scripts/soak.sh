@@ -2,7 +2,8 @@
 # Soak: `ember serve` driven well above its capacity by `ember bench serve`, with a share of
 # clients hanging up at random points, for a bounded time. Passes when no request failed (no
 # 5xx, no error event, none lost), the KV cache is back to zero blocks, nothing is left running
-# or waiting, resident memory stayed flat, and the server drains and exits 0 on SIGTERM.
+# or waiting, resident memory stayed flat (the end within RSS_GROWTH_PCT of the most seen in the
+# first quarter, when bounded caches have filled), and the server drains and exits 0 on SIGTERM.
 #
 #   scripts/soak.sh                      # 10 minutes on the tiny committed fixture
 #   DURATION=60 scripts/soak.sh          # shorter
@@ -100,8 +101,14 @@ for path in sorted(glob.glob(f"{out}/round-*.json")):
     errors.update(run["errors"])
 lost = sent - completed - cancelled - failed
 server_5xx = sum(1 for e in errors if e.startswith("HTTP 5"))
-rss0, rss1 = int(rss0), int(rss1)
-series = [int(l.split()[2]) for l in open(f"{out}/rss.txt")] or [rss1]
+rss_warm, rss1 = int(rss0), int(rss1)
+rows = [l.split() for l in open(f"{out}/rss.txt")]
+series = [int(r[2]) for r in rows] or [rss1]
+# The baseline is the largest resident size in the soak's first quarter: by then the bounded
+# per-thread caches (the tokenizer's words) and the allocator's arenas have filled; what grows
+# after it grows with the requests.
+quarter = [int(r[2]) for r in rows if int(r[1]) <= int(elapsed) // 4] or series[:1]
+rss0 = max(quarter)
 rss_pct = 100.0 * (rss1 - rss0) / rss0
 panics = open(f"{out}/server.log", errors="replace").read().count("panicked")
 checks = {
@@ -109,7 +116,7 @@ checks = {
     "no lost request": lost == 0,
     "KV cache back to zero": float(kv) == 0.0,
     "nothing running or waiting": float(running) == 0.0 and float(waiting) == 0.0,
-    f"resident memory within {growth} %": rss_pct <= float(growth),
+    f"resident memory flat (end within {growth} % of the first quarter's most)": rss_pct <= float(growth),
     "no panic in the log": panics == 0,
     "SIGTERM exit 0": code == "0",
 }
@@ -118,13 +125,14 @@ report = f"""| soak | |
 | duration | {elapsed} s, {rounds} rounds |
 | requests sent | {sent} |
 | completed | {completed} |
-| cancelled by the client | {cancelled} (server aborts counted: {float(aborted):.0f}) |
+| cancelled by the client | {cancelled} (the server counted {float(aborted):.0f} aborts, warm-up included) |
 | failed (5xx among them) | {failed} ({server_5xx}) |
 | lost | {lost} |
 | preemptions | {float(preempted):.0f} |
 | KV cache usage after | {float(kv):.3f} |
 | running / waiting after | {float(running):.0f} / {float(waiting):.0f} |
-| resident memory after warm-up / after the soak | {rss0 / 1024:.1f} / {rss1 / 1024:.1f} MiB ({rss_pct:+.1f} %) |
+| resident memory after warm-up | {rss_warm / 1024:.1f} MiB |
+| resident memory, most in the first quarter / at the end | {rss0 / 1024:.1f} / {rss1 / 1024:.1f} MiB ({rss_pct:+.1f} %) |
 | resident memory over the rounds (min / max) | {min(series) / 1024:.1f} / {max(series) / 1024:.1f} MiB |
 | exit on SIGTERM | {code} |
 """
