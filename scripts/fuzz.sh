@@ -30,7 +30,9 @@ for t in "${TARGETS[@]}"; do
     fi
     cases=$(grep -oE "^fuzz [a-z_]+: [0-9]+ cases" "$LOG" || true)
     echo "$t: $result, $(( $(date +%s) - start )) s, ${cases:-?}"
-    [ "$result" = pass ] || grep -A 30 "panicked" "$LOG" | head -40
+    if [ "$result" != pass ]; then
+        grep -v "^\s*$" "$LOG" | grep -vE "^(running|test |failures:|    [a-z_]+$)" | tail -40 || true
+    fi
 done
 rm -f "$LOG"
 exit $status
