@@ -209,6 +209,10 @@ pub struct ServeArgs {
     /// Seconds one request's chat-template rendering and tokenization may take (503 beyond).
     #[arg(long, default_value_t = 10)]
     pub preprocess_timeout: u64,
+    /// Seconds a request may run from its arrival before it is stopped (408, or an error event
+    /// on a stream) and its sequences freed; 0: no deadline.
+    #[arg(long, default_value_t = 0)]
+    pub request_timeout: u64,
     /// Requests that may wait beyond --max-num-seqs before new ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub max_queued_requests: usize,

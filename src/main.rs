@@ -228,6 +228,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_prompt_bytes: args.max_prompt_bytes,
         },
         preprocess_timeout: std::time::Duration::from_secs(args.preprocess_timeout.max(1)),
+        request_timeout: (args.request_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.request_timeout)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -129,6 +129,40 @@ fn a_rendered_prompt_is_bounded() {
     canary(&s);
 }
 
+/// A request past `request_timeout` is stopped: 408 in the envelope, or an error event (never a
+/// normal end) on a stream; its sequences are aborted and their blocks freed.
+#[test]
+fn a_request_past_its_deadline_is_stopped_and_freed() {
+    let api = ApiConfig {
+        request_timeout: Some(std::time::Duration::from_millis(30)),
+        ..api_config()
+    };
+    let s = TestServer::start("qwen3", api, engine_config());
+    let mut long = completion(json!("Hello"));
+    long["max_tokens"] = json!(480);
+    long["ignore_eos"] = json!(true);
+    long["n"] = json!(8);
+    let (st, r) = s.post("/v1/completions", &long);
+    assert_eq!(st, 408, "{r}");
+    assert_eq!(r["error"]["code"], "request_timeout", "{r}");
+    long["stream"] = json!(true);
+    let events = http::stream(&s.url("/v1/completions"), &long);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["error"]["code"] == "request_timeout"),
+        "{events:?}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e["choices"][0]["finish_reason"].is_string()));
+    let abort = "ember_request_success_total{finished_reason=\"abort\"}";
+    assert!(http::eventually(10, || s.metric(abort) >= 16.0));
+    assert!(http::eventually(10, || s
+        .metric("ember_kv_cache_usage_ratio")
+        == 0.0));
+}
+
 #[test]
 fn a_lowercase_bearer_scheme_is_accepted() {
     let api = ApiConfig {

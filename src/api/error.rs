@@ -124,6 +124,21 @@ impl ApiError {
         }
     }
 
+    /// 408: the request ran past the server's deadline (`--request-timeout`).
+    pub fn request_timeout(after: std::time::Duration) -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                format!(
+                    "The request ran longer than the server's limit of {} s and was stopped.",
+                    after.as_secs_f32()
+                ),
+            )
+        }
+    }
+
     /// 503: loading the model, or shutting down.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {

@@ -179,6 +179,8 @@ pub struct Submission {
     /// the engine stopped under them, an error and not the end of the answer.
     unfinished: usize,
     timer: RequestTimer,
+    /// When the request must be done (`--request-timeout`), and that limit.
+    deadline: Option<(tokio::time::Instant, Duration)>,
     state: AppState,
     _admitted: InFlight,
 }
@@ -204,6 +206,11 @@ impl Submission {
             events: stream::select_all(streams),
             unfinished,
             timer: RequestTimer::new(arrived),
+            deadline: state
+                .0
+                .config
+                .request_timeout
+                .map(|t| (tokio::time::Instant::from_std(arrived + t), t)),
             state: state.clone(),
             _admitted: admitted,
         })
@@ -212,8 +219,21 @@ impl Submission {
     /// The next event of any prompt; None when all completions are done. A completion the
     /// engine could not run is an error (details are in the engine's log).
     pub async fn next(&mut self) -> Result<Option<(usize, EngineEvent)>, ApiError> {
+        let next = match self.deadline {
+            // Checked before waiting too: a busy stream always has an event ready, and a ready
+            // future wins over an expired timer.
+            Some((at, limit)) if tokio::time::Instant::now() >= at => {
+                return Err(ApiError::request_timeout(limit))
+            }
+            Some((at, limit)) => match tokio::time::timeout_at(at, self.events.next()).await {
+                Ok(next) => next,
+                // Dropping the submission (the caller returns this error) aborts its sequences.
+                Err(_) => return Err(ApiError::request_timeout(limit)),
+            },
+            None => self.events.next().await,
+        };
         let metrics = &self.state.0.metrics;
-        match self.events.next().await {
+        match next {
             Some((prompt, event)) => {
                 match &event {
                     EngineEvent::Token { index, .. } => {

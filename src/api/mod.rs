@@ -48,6 +48,9 @@ pub struct ApiConfig {
     pub preprocess_timeout: Duration,
     /// What one request may carry.
     pub limits: RequestLimits,
+    /// A request still running this long after it arrived is ended (408; an error event on a
+    /// stream) and its sequences aborted. None: no deadline (work is bounded by max_tokens).
+    pub request_timeout: Option<Duration>,
 }
 
 /// What one request may carry: everything the engine walks per token or per sequence is
@@ -95,6 +98,7 @@ impl Default for ApiConfig {
             chat_template: None,
             preprocess_timeout: Duration::from_secs(10),
             limits: RequestLimits::default(),
+            request_timeout: None,
         }
     }
 }
