@@ -15,6 +15,16 @@ use ember_models::PagedKvCache;
 use http::{api_config, eventually, fixture_dir, get, open_stream, TestServer, MODEL};
 use serde_json::{json, Value as Json};
 
+fn qwen3() -> LoadedModel {
+    LoadedModel::load(
+        fixture_dir("qwen3").to_str().unwrap(),
+        None,
+        DeviceSpec::Cpu,
+        None,
+    )
+    .unwrap()
+}
+
 /// A fresh copy of a fixture's directory, to break.
 fn copy_fixture(name: &str, tag: &str) -> PathBuf {
     let dir =
@@ -137,13 +147,7 @@ fn broken_model_files_fail_at_startup_naming_the_file() {
 /// nothing stays running or waiting.
 #[test]
 fn aborts_at_any_moment_leave_nothing_behind() {
-    let loaded = LoadedModel::load(
-        fixture_dir("qwen3").to_str().unwrap(),
-        None,
-        DeviceSpec::Cpu,
-        None,
-    )
-    .unwrap();
+    let loaded = qwen3();
     let cfg = EngineConfig {
         kv_cache: KvCacheBudget::Bytes(8 << 20),
         max_num_seqs: 4,
@@ -212,13 +216,7 @@ fn aborts_at_any_moment_leave_nothing_behind() {
 /// front.
 #[test]
 fn twice_the_kv_capacity_completes_or_is_refused_cleanly() {
-    let loaded = LoadedModel::load(
-        fixture_dir("qwen3").to_str().unwrap(),
-        None,
-        DeviceSpec::Cpu,
-        None,
-    )
-    .unwrap();
+    let loaded = qwen3();
     // 32 blocks of 16 tokens: 512 tokens of cache.
     let block = PagedKvCache::bytes_per_block(loaded.model.config(), 16, loaded.model.dtype());
     let engine = EngineConfig {
