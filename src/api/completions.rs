@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{json, Value as Json};
 use tokenizers::Tokenizer;
 
@@ -15,8 +15,8 @@ use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
 
 use super::error::ApiError;
 use super::generation::{
-    blocking, body_bytes, finish_reason_str, new_id, sse, stop_reason_json, unix_now, ChunkWriter,
-    Deadline, Submission, Usage,
+    blocking, body_bytes, finish_reason_str, new_id, sse, stop_reason_json, unix_now,
+    whole_response, ChunkWriter, Deadline, Submission, Usage,
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
@@ -308,15 +308,12 @@ async fn collect(
             "stop_reason": stop_reason_json(&stop),
         }));
     }
-    Ok(axum::Json(json!({
-        "id": new_id("cmpl"),
-        "object": "text_completion",
-        "created": unix_now(),
-        "model": plan.options.model,
-        "choices": out,
-        "usage": usage.json(),
-    }))
-    .into_response())
+    Ok(whole_response(
+        ("cmpl", "text_completion"),
+        &plan.options.model,
+        out,
+        &usage,
+    ))
 }
 
 struct CompletionChunks {

@@ -104,6 +104,24 @@ async fn bounded<T: Send + 'static>(
     }
 }
 
+/// A whole (non-streaming) answer in OpenAI's shape: `(id prefix, object)` name the route.
+pub fn whole_response(
+    (id_prefix, object): (&str, &str),
+    model: &str,
+    choices: Vec<Json>,
+    usage: &Usage,
+) -> Response {
+    axum::Json(json!({
+        "id": new_id(id_prefix),
+        "object": object,
+        "created": unix_now(),
+        "model": model,
+        "choices": choices,
+        "usage": usage.json(),
+    }))
+    .into_response()
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

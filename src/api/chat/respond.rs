@@ -2,13 +2,15 @@
 
 use std::sync::Arc;
 
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{json, Map, Value as Json};
 
 use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
 
 use crate::api::error::ApiError;
-use crate::api::generation::{new_id, stop_reason_json, unix_now, ChunkWriter, Submission, Usage};
+use crate::api::generation::{
+    new_id, stop_reason_json, unix_now, whole_response, ChunkWriter, Submission, Usage,
+};
 use crate::api::logprobs::TokenNames;
 
 use super::output::{merge_calls, tool_call_json, ChoiceParser};
@@ -109,15 +111,12 @@ pub(super) async fn collect(
             "stop_reason": stop_reason_json(&stop_reason),
         }));
     }
-    Ok(axum::Json(json!({
-        "id": new_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": unix_now(),
-        "model": plan.options.model,
-        "choices": choices,
-        "usage": usage.json(),
-    }))
-    .into_response())
+    Ok(whole_response(
+        ("chatcmpl", "chat.completion"),
+        &plan.options.model,
+        choices,
+        &usage,
+    ))
 }
 
 struct StreamChoice {
