@@ -15,14 +15,12 @@ use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
 
 use super::error::ApiError;
 use super::generation::{
-    blocking, body_bytes, finish_reason_str, new_id, sse, stop_reason_json, unix_now,
-    whole_response, ChunkWriter, Deadline, Submission, Usage,
+    begin, blocking, finish_reason_str, new_id, sse, stop_reason_json, unix_now, whole_response,
+    ChunkWriter, Deadline, Submission, Usage,
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
-use super::types::{
-    parse_with_common, CompletionRequest, PromptField, COMMON_FIELDS, COMPLETION_FIELDS,
-};
+use super::types::{CompletionRequest, PromptField, COMPLETION_FIELDS};
 use super::AppState;
 
 /// OpenAI's limit on `logprobs` for completions.
@@ -49,17 +47,10 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let body = body_bytes(&state, body)?;
-    let ctx = state.model()?;
-    // Admitted (or refused with 503) before any template or tokenizer work.
-    let admitted = state.admit()?;
-    let known: Vec<&str> = COMMON_FIELDS
-        .iter()
-        .chain(COMPLETION_FIELDS)
-        .copied()
-        .collect();
-    let req: CompletionRequest = parse_with_common(&body, &known)?;
-    let model = state.check_model(req.common.model.as_deref())?;
+    let (req, ctx, admitted, model) =
+        begin(&state, body, COMPLETION_FIELDS, |r: &CompletionRequest| {
+            r.common.model.as_deref()
+        })?;
     let logprobs = match req.logprobs {
         Some(k) if (0..=MAX_LEGACY_LOGPROBS).contains(&k) => Some(k as usize),
         Some(k) => {

@@ -17,10 +17,29 @@ use crate::engine::{EngineEvent, FinishReason, StopReason, ValidRequest};
 use crate::metrics::RequestTimer;
 
 use super::error::ApiError;
+use super::types::{parse_with_common, WithCommon, COMMON_FIELDS};
 use super::{AppState, InFlight, ModelContext};
 
 /// Interval of SSE keep-alive comments while a stream has nothing to send.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// What every generation route does first: the body within its limit, the loaded model, a
+/// place among the admitted requests (503 before any template or tokenizer work), the body
+/// parsed with the common and the route's own fields, and the model name checked.
+pub fn begin<'a, T: WithCommon>(
+    state: &'a AppState,
+    body: Result<Bytes, BytesRejection>,
+    route_fields: &[&str],
+    model_of: impl FnOnce(&T) -> Option<&str>,
+) -> Result<(T, &'a ModelContext, InFlight, String), ApiError> {
+    let body = body_bytes(state, body)?;
+    let ctx = state.model()?;
+    let admitted = state.admit()?;
+    let known: Vec<&str> = COMMON_FIELDS.iter().chain(route_fields).copied().collect();
+    let req: T = parse_with_common(&body, &known)?;
+    let model = state.check_model(model_of(&req))?;
+    Ok((req, ctx, admitted, model))
+}
 
 /// The body, or 413 in the OpenAI envelope when it is over the limit.
 pub fn body_bytes(

@@ -23,9 +23,9 @@ use crate::parsers::{ReasoningParser, ToolCallParser, TOOL_CALL_START};
 use crate::template::RenderOptions;
 
 use super::error::ApiError;
-use super::generation::{blocking, body_bytes, sse, Submission};
+use super::generation::{begin, blocking, sse, Submission};
 use super::sampling::{self, OutputOptions};
-use super::types::{parse_with_common, ChatRequest, CHAT_FIELDS, COMMON_FIELDS};
+use super::types::{ChatRequest, CHAT_FIELDS};
 use super::AppState;
 use output::ChoiceParser;
 use prompt::{generation_prompt, pick_template};
@@ -91,13 +91,9 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let body = body_bytes(&state, body)?;
-    let ctx = state.model()?;
-    // Admitted (or refused with 503) before any template or tokenizer work.
-    let admitted = state.admit()?;
-    let known: Vec<&str> = COMMON_FIELDS.iter().chain(CHAT_FIELDS).copied().collect();
-    let req: ChatRequest = parse_with_common(&body, &known)?;
-    let model = state.check_model(req.common.model.as_deref())?;
+    let (req, ctx, admitted, model) = begin(&state, body, CHAT_FIELDS, |r: &ChatRequest| {
+        r.common.model.as_deref()
+    })?;
     check_response_format(req.response_format.as_ref())?;
     let logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = match (logprobs, req.top_logprobs) {
