@@ -704,6 +704,16 @@ fn metrics_count_tokens_requests_and_latencies() {
     );
     assert_eq!(s.metric("ember_e2e_request_latency_seconds_count"), 1.0);
     assert_eq!(s.metric("ember_request_queue_time_seconds_count"), 1.0);
+    // A scrape right after a response always counts it (the engine publishes its counters
+    // before it tells the client the request ended).
+    let (mut prompt, mut generated) = (prompt, generated);
+    for i in 0..20 {
+        let (_, r) = s.post("/v1/chat/completions", &chat(&format!("Hello {i}")));
+        prompt += r["usage"]["prompt_tokens"].as_f64().unwrap();
+        generated += r["usage"]["completion_tokens"].as_f64().unwrap();
+        assert_eq!(s.metric("ember_prompt_tokens_total"), prompt);
+        assert_eq!(s.metric("ember_generation_tokens_total"), generated);
+    }
 }
 
 #[test]

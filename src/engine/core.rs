@@ -455,6 +455,10 @@ impl Engine {
             });
         }
         let (prompt, generated) = seq.map_or((0, 0), |s| (s.prompt().len(), s.output().len()));
+        // Counted and published before the client hears of the end: a scrape that follows a
+        // finished response always includes it.
+        self.stats.record_finish(reason);
+        self.publish_stats();
         let _ = state.events.send(EngineEvent::Finished {
             index: state.index,
             reason,
@@ -464,7 +468,6 @@ impl Engine {
             num_cached_tokens: state.num_cached_tokens.unwrap_or(0),
             queue_time: state.queue_time.unwrap_or_default(),
         });
-        self.stats.record_finish(reason);
     }
 }
 
