@@ -15,6 +15,10 @@ use crate::model::LoadedModel;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How often the server checks that the engine thread is alive.
 const ENGINE_CHECK: Duration = Duration::from_millis(100);
+/// After the engine dies, how long /health keeps answering 503 before the port closes, even
+/// with nothing in flight: a load balancer's probe sees the failure and takes the instance out
+/// instead of finding only a refused connection (and a test can observe it).
+const DEAD_ENGINE_HOLD: Duration = Duration::from_secs(2);
 
 /// Loads the model (blocking) and starts the engine thread.
 pub fn start_engine(loaded: LoadedModel, cfg: &EngineConfig) -> Result<ModelContext> {
@@ -78,7 +82,8 @@ pub async fn serve(
         }
     }
     state.start_draining();
-    let deadline = Instant::now() + shutdown_timeout;
+    let draining = Instant::now();
+    let deadline = draining + shutdown_timeout;
     eprintln!(
         "ember: shutting down; {} request(s) in flight",
         state.num_in_flight()
@@ -91,6 +96,9 @@ pub async fn serve(
             "ember: shutdown timeout: dropping {} request(s)",
             state.num_in_flight()
         );
+    }
+    if engine_failed {
+        tokio::time::sleep(DEAD_ENGINE_HOLD.saturating_sub(draining.elapsed())).await;
     }
     let _ = stop_tx.send(());
     let closed = tokio::time::timeout(CLOSE_GRACE, server).await;
