@@ -1,7 +1,8 @@
 //! Fused kernels against their plain-candle references, at Qwen2.5-0.5B's widths (hidden 896,
-//! intermediate 4864): one decode token and a 128-token prefill chunk. `linear` runs on every
-//! instruction-set path this CPU supports (weights packed once, as models do); its throughput is reported in weight bytes per second
-//! (decode) so it reads against the memory bandwidth.
+//! intermediate 4864): one decode token, a decode step of 16 sequences and a 128-token prefill
+//! chunk. `linear` runs on every instruction-set path this CPU supports (weights packed once,
+//! as models do); its throughput is reported in weight bytes per second at one row (so it reads
+//! against the memory bandwidth) and in FLOP/s above.
 //! Run: cargo bench --bench kernels
 
 use candle_core::{DType, Device, Tensor};
@@ -25,7 +26,7 @@ fn linear_bench(c: &mut Criterion) {
         for dtype in [DType::BF16, DType::F32] {
             let w = randn((n, k), dtype);
             let packed = PackedWeight::new(&w).expect("pack");
-            for m in [1usize, 128] {
+            for m in [1usize, 16, 128] {
                 let x = randn((m, k), dtype);
                 let bytes = (n * k * dtype.size_in_bytes()) as u64;
                 group.throughput(if m == 1 {

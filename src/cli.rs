@@ -130,12 +130,14 @@ pub struct EngineArgs {
     /// takes (default on CUDA: 0.9).
     #[arg(long)]
     pub gpu_memory_utilization: Option<f64>,
-    /// Token budget of one engine step.
-    #[arg(long, default_value_t = 2048)]
-    pub max_num_batched_tokens: usize,
+    /// Token budget of one engine step (default: 512 on CPU, 2048 on CUDA). On CPU a prefill
+    /// step is compute-bound and no faster per token when larger, so a smaller one lets the
+    /// first prompts of a burst start decoding sooner (lower TTFT at the same throughput).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<std::num::NonZeroUsize>,
     /// Sequences running at once.
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
+    #[arg(long, default_value = "256")]
+    pub max_num_seqs: std::num::NonZeroUsize,
     #[arg(long)]
     pub no_prefix_caching: bool,
     /// KV-cache element type: auto (the model's dtype), bf16, f16 or f32. bf16/f16 halve the

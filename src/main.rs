@@ -177,8 +177,14 @@ fn engine_config(args: &EngineArgs, device: DeviceSpec) -> EngineConfig {
             (None, None, DeviceSpec::Cuda(_)) => KvCacheBudget::FractionOfFree(0.9),
             (None, None, DeviceSpec::Cpu) => KvCacheBudget::Bytes(2 << 30),
         },
-        max_num_batched_tokens: args.max_num_batched_tokens,
-        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens.map_or(
+            match device {
+                DeviceSpec::Cuda(_) => 2048,
+                DeviceSpec::Cpu => 512,
+            },
+            |n| n.get(),
+        ),
+        max_num_seqs: args.max_num_seqs.get(),
         enable_prefix_caching: !args.no_prefix_caching,
         kv_cache_dtype: args.kv_cache_dtype.0,
         ..EngineConfig::default()
@@ -215,7 +221,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .collect(),
         cors_allowed_origins: args.allowed_origins.clone(),
         max_request_body_bytes: args.max_request_bytes,
-        max_concurrent_requests: args.engine.max_num_seqs + args.max_queued_requests,
+        max_concurrent_requests: args.engine.max_num_seqs.get() + args.max_queued_requests,
         trust_request_chat_template: args.trust_request_chat_template,
         chat_template,
         limits: RequestLimits {

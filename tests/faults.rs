@@ -62,6 +62,25 @@ fn generate(dir: &Path) -> (Option<i32>, String) {
     )
 }
 
+/// Engine sizes of zero are refused by the command line (exit code 2, the flag named), never
+/// a panic inside the engine's start.
+#[test]
+fn zero_engine_sizes_are_refused_at_the_command_line() {
+    for flag in ["--max-num-seqs", "--max-num-batched-tokens"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["serve", "--model", fixture_dir("qwen3").to_str().unwrap()])
+            .args(["--port", "0", flag, "0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
+
 /// Each broken file stops the start with exit code 1 and one error line that names the file,
 /// never a panic.
 #[test]
