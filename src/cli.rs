@@ -215,9 +215,10 @@ pub struct ServeArgs {
     /// on a stream) and its sequences freed; 0: no deadline.
     #[arg(long, default_value_t = 0)]
     pub request_timeout: u64,
-    /// Requests that may wait beyond --max-num-seqs before new ones get 503.
-    #[arg(long, default_value_t = 1024)]
-    pub max_queued_requests: usize,
+    /// Sequences (prompts × n of each request) that may wait beyond --max-num-seqs before new
+    /// requests get 503 with Retry-After.
+    #[arg(long, alias = "max-queued-requests", default_value_t = 1024)]
+    pub max_queued_sequences: usize,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,

@@ -85,7 +85,7 @@ pub async fn serve(
     let draining = Instant::now();
     let deadline = draining + shutdown_timeout;
     eprintln!(
-        "ember: shutting down; {} request(s) in flight",
+        "ember: shutting down; {} sequence(s) in flight",
         state.num_in_flight()
     );
     while state.num_in_flight() > 0 && Instant::now() < deadline {

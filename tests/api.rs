@@ -576,7 +576,7 @@ fn oversized_bodies_get_413_and_a_full_queue_503() {
     assert!(err["error"]["message"].as_str().unwrap().contains("4096"));
     drop(s);
     let full = ApiConfig {
-        max_concurrent_requests: 0,
+        max_admitted_sequences: 0,
         ..api_config()
     };
     let s = TestServer::start("qwen3", full, engine_config());

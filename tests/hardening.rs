@@ -95,6 +95,40 @@ fn per_request_limits_are_refused_before_any_work() {
     canary(&s);
 }
 
+/// Admission counts sequences, not requests: a request over what the server ever admits is a
+/// 400 naming `n`; one request of n = 4 fills a server that admits four, so the next gets 503
+/// with Retry-After before any work; its places come back when it ends.
+#[test]
+fn admission_counts_each_requests_sequences() {
+    let api = ApiConfig {
+        max_admitted_sequences: 4,
+        ..api_config()
+    };
+    let s = TestServer::start("qwen3", api, engine_config());
+    let mut five = completion(json!(["a", "b", "c", "d", "e"]));
+    five["n"] = json!(1);
+    let (st, r) = s.post("/v1/completions", &five);
+    assert_invalid(st, &r, "n", "\"e\"");
+    let mut long = completion(json!("Hello"));
+    long["max_tokens"] = json!(480);
+    long["ignore_eos"] = json!(true);
+    long["n"] = json!(4);
+    long["stream"] = json!(true);
+    let reader = open_stream(&s.url("/v1/completions"), &long);
+    let (status, retry, r) = http::post_raw(
+        &s.url("/v1/chat/completions"),
+        chat("Hi").to_string().as_bytes(),
+    );
+    assert_eq!(status, 503, "{r}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(r["error"]["code"], "server_overloaded", "{r}");
+    drop(reader);
+    assert!(http::eventually(10, || s
+        .post("/v1/completions", &completion(json!("Hello")))
+        .0
+        == 200));
+}
+
 /// A template that repeats the conversation (few instructions, much output: a request's own
 /// template where the operator trusts them) stops at the rendered-prompt budget with a 400.
 #[test]

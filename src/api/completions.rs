@@ -47,7 +47,7 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (req, ctx, admitted, model) =
+    let (req, ctx, mut admitted, model) =
         begin(&state, body, COMPLETION_FIELDS, |r: &CompletionRequest| {
             r.common.model.as_deref()
         })?;
@@ -102,6 +102,7 @@ pub async fn handle(
             ),
         ));
     }
+    admitted.claim(num_prompts * template.n)?;
     let tokenizer = ctx.tokenizer.clone();
     let prompt_field = req.prompt;
     let prompts = blocking(&state, move |deadline| {

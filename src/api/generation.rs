@@ -24,7 +24,7 @@ use super::{AppState, InFlight, ModelContext};
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// What every generation route does first: the body within its limit, the loaded model, a
-/// place among the admitted requests (503 before any template or tokenizer work), the body
+/// place among the admitted sequences (503 before any template or tokenizer work), the body
 /// parsed with the common and the route's own fields, and the model name checked.
 pub fn begin<'a, T: WithCommon>(
     state: &'a AppState,

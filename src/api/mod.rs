@@ -37,8 +37,9 @@ pub struct ApiConfig {
     /// Allowed CORS origins ("*" for any); empty: no CORS headers.
     pub cors_allowed_origins: Vec<String>,
     pub max_request_body_bytes: usize,
-    /// Requests admitted at once (running and queued); more get 503 with Retry-After.
-    pub max_concurrent_requests: usize,
+    /// Sequences admitted at once, running and queued (a request counts prompts × n); beyond
+    /// them a request gets 503 with Retry-After before any template or tokenizer work.
+    pub max_admitted_sequences: usize,
     /// Accept a `chat_template` sent in a request.
     pub trust_request_chat_template: bool,
     /// Replaces the model's chat template.
@@ -93,7 +94,7 @@ impl Default for ApiConfig {
             api_keys: Vec::new(),
             cors_allowed_origins: Vec::new(),
             max_request_body_bytes: 8 << 20,
-            max_concurrent_requests: 4096,
+            max_admitted_sequences: 4096,
             trust_request_chat_template: false,
             chat_template: None,
             preprocess_timeout: Duration::from_secs(10),
@@ -214,24 +215,56 @@ impl AppState {
         }
     }
 
-    /// Admits a generation request, or refuses it when the server is at capacity.
+    /// Admits a generation request as one sequence, or refuses it when the server is at
+    /// capacity; `InFlight::claim` counts the rest of its sequences once they are known.
     fn admit(&self) -> Result<InFlight, ApiError> {
-        let max = self.0.config.max_concurrent_requests;
-        let prev = self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(self.0.clone());
-        if prev >= max {
-            return Err(ApiError::overloaded());
-        }
+        let mut guard = InFlight {
+            shared: self.0.clone(),
+            sequences: 0,
+        };
+        guard.claim(1)?;
         Ok(guard)
     }
 }
 
-/// One admitted request; dropping it frees its place.
-pub struct InFlight(Arc<Shared>);
+/// One admitted request, holding its sequences' places; dropping it frees them.
+pub struct InFlight {
+    shared: Arc<Shared>,
+    sequences: usize,
+}
+
+impl InFlight {
+    /// Holds places for `sequences` in all (prompts × n), before any template or tokenizer
+    /// work: 503 with Retry-After when they are not free now, 400 when they never could be.
+    pub fn claim(&mut self, sequences: usize) -> Result<(), ApiError> {
+        let extra = sequences.saturating_sub(self.sequences);
+        if extra == 0 {
+            return Ok(());
+        }
+        let max = self.shared.config.max_admitted_sequences;
+        if sequences > max.max(1) {
+            return Err(ApiError::invalid(
+                "n",
+                format!(
+                    "{sequences} sequences (prompts × n); the server admits at most {max} at once"
+                ),
+            ));
+        }
+        let prev = self.shared.in_flight.fetch_add(extra, Ordering::SeqCst);
+        if prev.saturating_add(extra) > max {
+            self.shared.in_flight.fetch_sub(extra, Ordering::SeqCst);
+            return Err(ApiError::overloaded());
+        }
+        self.sequences = sequences;
+        Ok(())
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .in_flight
+            .fetch_sub(self.sequences, Ordering::SeqCst);
     }
 }
 

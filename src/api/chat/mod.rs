@@ -91,7 +91,7 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (req, ctx, admitted, model) = begin(&state, body, CHAT_FIELDS, |r: &ChatRequest| {
+    let (req, ctx, mut admitted, model) = begin(&state, body, CHAT_FIELDS, |r: &ChatRequest| {
         r.common.model.as_deref()
     })?;
     check_response_format(req.response_format.as_ref())?;
@@ -122,6 +122,7 @@ pub async fn handle(
         top_logprobs,
         &ctx.defaults,
     )?;
+    admitted.claim(request.n)?;
     let tool_mode = tool_mode(&req)?;
     let template = pick_template(&state, ctx, req.chat_template.as_deref())?;
     let enable_thinking = template_kwargs(req.chat_template_kwargs.as_ref())?;
