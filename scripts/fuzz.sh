@@ -28,10 +28,10 @@ for t in "${TARGETS[@]}"; do
         result=FAIL
         status=1
     fi
-    cases=$(grep -oE "^fuzz [a-z_]+: [0-9]+ cases" "$LOG" || true)
+    cases=$(grep -aoE "^fuzz [a-z_]+: [0-9]+ cases" "$LOG" || true)
     echo "$t: $result, $(( $(date +%s) - start )) s, ${cases:-?}"
     if [ "$result" != pass ]; then
-        grep -v "^\s*$" "$LOG" | grep -vE "^(running|test |failures:|    [a-z_]+$)" | tail -40 || true
+        grep -av "^\s*$" "$LOG" | grep -avE "^(running|test |failures:|    [a-z_]+$)" | tail -40 || true
     fi
 done
 rm -f "$LOG"

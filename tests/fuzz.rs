@@ -393,13 +393,29 @@ fn detokenizer_and_stop_strings() {
                 out += &delta.text;
                 stopped = delta.stopped_by;
             }
-            let first = stops
-                .iter()
-                .filter_map(|s| full.find(s.as_str()).map(|at| (at, s)))
-                .min_by_key(|&(at, s)| (at, std::cmp::Reverse(s.len())));
+            // The text arrives token by token (what a detokenizer without stops has handed out
+            // after each token, which must add up to the full decode): a stop counts once it is
+            // whole in what has arrived (a short stop inside a longer one can end the text
+            // first), and among those whole at the same token the earliest, then the longest,
+            // wins.
+            let mut plain = Detokenizer::new(true, vec![], false).exact(table.clone());
+            let mut arrived = vec![String::new()];
+            for &id in &ids {
+                let piece = plain.push(&tokenizer, id).text;
+                arrived.push(arrived[arrived.len() - 1].clone() + &piece);
+            }
+            let piece = plain.finish(&tokenizer).text;
+            arrived.push(arrived[arrived.len() - 1].clone() + &piece);
+            prop_assert_eq!(&arrived[arrived.len() - 1], &full);
+            let first = arrived.iter().find_map(|seen| {
+                stops
+                    .iter()
+                    .filter_map(|s| seen.find(s.as_str()).map(|at| (at, s)))
+                    .min_by_key(|&(at, s)| (at, std::cmp::Reverse(s.len())))
+            });
             match first {
-                Some((at, _)) => {
-                    prop_assert!(stopped.is_some(), "{full:?} {stops:?}");
+                Some((at, first_stop)) => {
+                    prop_assert_eq!(stopped.as_deref(), Some(first_stop.as_str()));
                     let stop = stopped.clone().unwrap_or_default();
                     let expected = if include_stop {
                         &full[..at + stop.len()]
