@@ -141,7 +141,8 @@ bench_serve() { # name base_url
 
 log "ember serve ($EMBER_DTYPE)"
 START_NS=$(date +%s%N)
-"$EMBER" serve --model "$MODEL" --dtype "$EMBER_DTYPE" --served-model-name bench --port 8311 \
+# Info logs record where the start-up went (tokenizer, weights, KV cache).
+RUST_LOG=${RUST_LOG:-info} "$EMBER" serve --model "$MODEL" --dtype "$EMBER_DTYPE" --served-model-name bench --port 8311 \
     --kv-cache-mib "$SERVE_KV_MIB" 2> "$OUT/ember-serve.log" &
 EMBER_PID=$!
 trap 'kill $EMBER_PID 2>/dev/null || true' EXIT

@@ -232,8 +232,9 @@ impl PackedWeight {
         }
     }
 
-    /// `out` (m × n) = x (m × k) · Wᵀ + bias on the path `isa` allows; x in f32 or (for bf16
-    /// weights on the `vdpbf16ps` path) as given.
+    /// `out` (m × n) = x (m × k) · Wᵀ + bias on the path `isa` allows: x widened to f32, or on
+    /// the `vdpbf16ps` path (bf16 weights) rounded to bf16, for every m alike (batch
+    /// invariance).
     pub(crate) fn matmul<O: Store>(
         &self,
         isa: Isa,
@@ -252,9 +253,9 @@ impl PackedWeight {
             Data::F16(w) => run_f32(isa, &x.to_f32(), w, dims, bias, out),
             Data::Bf16(w) => {
                 #[cfg(target_arch = "x86_64")]
-                if let (Activations::Bf16(xb), true) = (&x, isa >= Isa::Avx512Bf16) {
+                if isa >= Isa::Avx512Bf16 {
                     if let Some(kernel) = x86::Dpbf16::new() {
-                        return run(kernel, xb, w, dims, bias, out);
+                        return run(kernel, &x.to_bf16(), w, dims, bias, out);
                     }
                 }
                 run_f32(isa, &x.to_f32(), w, dims, bias, out)
@@ -271,6 +272,16 @@ pub(crate) enum Activations<'a> {
 }
 
 impl Activations<'_> {
+    /// The rows rounded to bf16 (nearest, ties to even) for the `vdpbf16ps` path.
+    #[cfg(target_arch = "x86_64")]
+    fn to_bf16(&self) -> std::borrow::Cow<'_, [bf16]> {
+        match self {
+            Activations::Bf16(x) => std::borrow::Cow::Borrowed(x),
+            Activations::F32(x) => x.iter().map(|&v| bf16::from_f32(v)).collect(),
+            Activations::F16(x) => x.iter().map(|v| bf16::from_f32(v.widen())).collect(),
+        }
+    }
+
     fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             Activations::F32(x) => std::borrow::Cow::Borrowed(x),
