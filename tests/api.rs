@@ -522,15 +522,41 @@ fn error_statuses() {
             .is_some_and(|m| !m.is_empty()));
         assert!(err["error"]["type"].is_string());
     }
-    // Context length: the message says so.
-    let (_, err) = post(&url, &cases_context(), None);
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("context length"),
-        "{err}"
-    );
+    // Context length, OpenAI's way (code and wording that LiteLLM and langchain-openai match
+    // to trim a conversation): prompt + max_tokens over it, and a prompt alone over it, on both
+    // routes.
+    let long = "word ".repeat(3000);
+    let overflows = [
+        (
+            url.clone(),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "word ".repeat(100)}], "max_tokens": 400}),
+            "max_tokens",
+        ),
+        (url.clone(), cases_context(), "messages"),
+        (
+            url.clone(),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+            "messages",
+        ),
+        (
+            s.url("/v1/completions"),
+            json!({"model": MODEL, "prompt": long}),
+            "prompt",
+        ),
+    ];
+    for (route, body, param) in overflows {
+        let (status, err) = post(&route, &body, None);
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["code"], "context_length_exceeded", "{err}");
+        assert_eq!(err["error"]["param"], param, "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("This model's maximum context length is "),
+            "{err}"
+        );
+    }
     // Completions: logprobs above 5, suffix, an empty prompt, a token outside the vocabulary.
     for (body, param) in [
         (

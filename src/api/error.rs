@@ -30,6 +30,15 @@ impl ApiError {
         }
     }
 
+    /// 400 with OpenAI's `context_length_exceeded` code: LiteLLM (`ContextWindowExceededError`)
+    /// and langchain-openai recognise it to trim a conversation and retry.
+    pub fn context_length_exceeded(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: Some("context_length_exceeded"),
+            ..Self::invalid(param, message)
+        }
+    }
+
     /// 400 for a bad value, naming the parameter.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
@@ -184,6 +193,9 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Invalid { field, message } => Self::invalid(field, message),
+            SubmitError::ContextLength { field, message } => {
+                Self::context_length_exceeded(field, message)
+            }
             SubmitError::Stopped => Self::unavailable("The engine has stopped."),
         }
     }

@@ -237,10 +237,10 @@ pub fn fill_max_tokens(
 ) -> Result<(), ApiError> {
     let prompt_len = request.prompt.len();
     if prompt_len >= max_model_len {
-        return Err(ApiError::invalid(
+        return Err(ApiError::context_length_exceeded(
             prompt_param,
             format!(
-                "The prompt is {prompt_len} tokens, which leaves no room in the model's context length of {max_model_len} tokens."
+                "This model's maximum context length is {max_model_len} tokens. However, your prompt is {prompt_len} tokens, which leaves no room for the completion. Please reduce the length of the prompt."
             ),
         ));
     }

@@ -120,6 +120,13 @@ pub enum SubmitError {
         field: &'static str,
         message: String,
     },
+    /// The prompt and the completion do not fit the context (OpenAI's
+    /// `context_length_exceeded`, which clients match to trim a conversation and retry).
+    #[error("{field}: {message}")]
+    ContextLength {
+        field: &'static str,
+        message: String,
+    },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -292,25 +299,21 @@ impl EngineHandle {
             ));
         }
         let total = r.prompt.len().saturating_add(r.max_tokens);
-        if total > l.max_model_len {
-            return Err(invalid(
-                "max_tokens",
-                format!(
-                    "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context length of {} tokens",
+        let context = l.max_model_len.min(l.max_cache_tokens);
+        if total > context {
+            let limit = if context < l.max_model_len {
+                " (the KV cache holds fewer tokens than the model's context length)"
+            } else {
+                ""
+            };
+            return Err(SubmitError::ContextLength {
+                field: "max_tokens",
+                message: format!(
+                    "This model's maximum context length is {context} tokens{limit}. However, you requested {total} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or of the completion.",
                     r.prompt.len(),
                     r.max_tokens,
-                    l.max_model_len
                 ),
-            ));
-        }
-        if total > l.max_cache_tokens {
-            return Err(invalid(
-                "max_tokens",
-                format!(
-                    "the prompt plus max_tokens ({total} tokens) exceeds the KV cache ({} tokens)",
-                    l.max_cache_tokens
-                ),
-            ));
+            });
         }
         if r.n == 0 {
             return Err(invalid("n", "must be at least 1"));
