@@ -211,11 +211,6 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.served_model_name.clone()
     };
     ember::api::check_origins(&args.allowed_origins).map_err(anyhow::Error::msg)?;
-    let admitted_sequences = args
-        .engine
-        .max_num_seqs
-        .get()
-        .saturating_add(args.max_queued_sequences);
     let api = ApiConfig {
         served_model_names,
         api_keys: args
@@ -226,14 +221,16 @@ fn serve(args: ServeArgs) -> Result<()> {
             .collect(),
         cors_allowed_origins: args.allowed_origins.clone(),
         max_request_body_bytes: args.max_request_bytes,
-        max_admitted_sequences: admitted_sequences,
+        max_admitted_sequences: args
+            .engine
+            .max_num_seqs
+            .get()
+            .saturating_add(args.max_queued_sequences),
         trust_request_chat_template: args.trust_request_chat_template,
         chat_template,
         limits: RequestLimits {
             max_prompts: args.max_prompts_per_request,
-            // A request the server could never admit is refused as too large (400), not asked
-            // to retry (503).
-            max_sequences: args.max_sequences_per_request.min(admitted_sequences),
+            max_sequences: args.max_sequences_per_request,
             max_stop_strings: args.max_stop_strings,
             max_stop_string_bytes: args.max_stop_string_bytes,
             max_stop_token_ids: args.max_stop_token_ids,

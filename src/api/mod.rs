@@ -242,6 +242,8 @@ impl InFlight {
             return Ok(());
         }
         let max = self.shared.config.max_admitted_sequences;
+        // Never admissible: a 400 rather than a 503 to retry forever (a one-sequence request
+        // on a server that admits none is a full queue, as before).
         if sequences > max.max(1) {
             return Err(ApiError::invalid(
                 "n",

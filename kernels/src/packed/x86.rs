@@ -362,10 +362,9 @@ where
 {
     let np = w.len() / (PANEL * W::padded_k(k));
     let mut pj = 0;
-    let group = if m <= MAX_TILE_ROWS { 1 } else { 4 };
     // SAFETY: the family's features are enabled in every caller.
     unsafe {
-        while group == 4 && pj + 4 <= np {
+        while m > MAX_TILE_ROWS && pj + 4 <= np {
             rows16::<X, W, T, F, 4>(x, m, w, pj, k, &mut emit);
             pj += 4;
         }
