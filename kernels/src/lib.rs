@@ -22,7 +22,7 @@ pub use isa::{
 pub use kv_write::{write_kv, zeros_lazy, KvLayout};
 pub use linear::{linear, linear_packed, linear_packed_with_isa, linear_ref, linear_with_isa};
 pub use mem::Zeroed;
-pub use packed::PackedWeight;
+pub use packed::{HostRows, PackedWeight};
 pub use paged_attention::{
     causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
 };

@@ -42,7 +42,7 @@ fn moe_layer(c: &mut Criterion) {
         }
     }
     let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
-    let layer = SparseMoe::load(&cfg, &moe, vb).expect("layer");
+    let layer = SparseMoe::load(&cfg, &moe, vb.into()).expect("layer");
     let mut group = c.benchmark_group("moe_qwen3_30b_a3b");
     group.sample_size(20);
     for tokens in [1usize, 16] {

@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod qwen;
+pub mod weights;
 
 pub use batch::{Batch, LogitsRows, SeqSlice};
 pub use config::{Arch, ModelConfig, MoeConfig, RopeScaling};
@@ -15,3 +16,4 @@ pub use error::{ModelError, Result};
 pub use kv_cache::{ContiguousKvCache, KvCache, PagedKvCache};
 pub use loader::{eos_token_ids, load_model, resolve, resolve_with, HubOptions, ModelFiles};
 pub use qwen::QwenModel;
+pub use weights::Weights;

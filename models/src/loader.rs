@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -17,6 +18,7 @@ use serde_json::Value;
 use crate::config::{parse_token_ids, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::qwen::QwenModel;
+use crate::weights::Weights;
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
@@ -327,16 +329,21 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Q
     let cfg = ModelConfig::from_file(&files.config)?;
     // SAFETY: the safetensors files are mapped read-only; like every mmap-based loader we rely on
     // nobody truncating or rewriting them while the process runs.
-    let tensors = unsafe { MmapedSafetensors::multi(&files.weights)? };
-    let vb = VarBuilder::from_backend(Box::new(HugePageCopies(tensors)), dtype, device.clone());
-    Ok(QwenModel::load(&cfg, vb)?)
+    let tensors = Arc::new(unsafe { MmapedSafetensors::multi(&files.weights)? });
+    let vb = VarBuilder::from_backend(
+        Box::new(HugePageCopies(tensors.clone())),
+        dtype,
+        device.clone(),
+    );
+    // Weights repacked for the CPU matmul are packed from the mapping itself (crate::weights).
+    Ok(QwenModel::load(&cfg, Weights::mapped(vb, tensors))?)
 }
 
 /// Mapped safetensors whose CPU tensors are copied (one memcpy) into buffers advised for huge
 /// pages ([`ember_kernels::Zeroed`]), instead of candle's copy into fresh 4 KB pages: faulting
 /// in a 0.5B model's weights 4 KB at a time was most of `ember serve`'s start-up. Everything
 /// else (other devices, dtypes, big-endian hosts) loads as candle loads it.
-struct HugePageCopies(MmapedSafetensors);
+struct HugePageCopies(Arc<MmapedSafetensors>);
 
 impl HugePageCopies {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

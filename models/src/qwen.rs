@@ -6,8 +6,8 @@
 //!              -> norm -> lm_head (tied to embed_tokens or not)
 //! ```
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::batch::{Batch, LogitsRows};
@@ -41,7 +41,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &ModelConfig, layer: usize, vb: Weights) -> Result<Self> {
         let mlp = match &cfg.moe {
             Some(moe) if cfg.is_sparse_layer(layer) => {
                 FeedForward::Sparse(SparseMoe::load(cfg, moe, vb.pp("mlp"))?)
@@ -87,7 +87,7 @@ pub struct QwenModel {
 
 impl QwenModel {
     /// Loads from a VarBuilder rooted at the checkpoint (names as in the HF checkpoint).
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, vb: Weights) -> Result<Self> {
         let model = vb.pp("model");
         let embed_tokens = Embedding::load(
             &model.pp("embed_tokens"),

@@ -67,15 +67,23 @@ impl PanelElem for bf16 {
 }
 
 /// Packed elements of one dtype.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Data {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
 }
 
+/// Row-major weight rows of one dtype in host memory, in parts packed one after another.
+#[derive(Debug, Clone, Copy)]
+pub enum HostRows<'a> {
+    F32(&'a [&'a [f32]]),
+    Bf16(&'a [&'a [bf16]]),
+    F16(&'a [&'a [f16]]),
+}
+
 /// A (n × k) weight matrix in the panel layout, ready for [`crate::linear_packed`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight {
     n: usize,
     k: usize,
@@ -132,10 +140,9 @@ impl PackedWeight {
             candle_core::bail!("packed weights: nothing to pack");
         };
         let (dtype, k) = (first.dtype(), first.dims2()?.1);
-        let mut n = 0;
         let mut held = Vec::with_capacity(parts.len());
         for w in parts {
-            let (rows, cols) = w.dims2()?;
+            let (_, cols) = w.dims2()?;
             if cols != k || w.dtype() != dtype {
                 candle_core::bail!(
                     "packed weights: parts {:?} {:?} and {:?} {:?} differ",
@@ -145,7 +152,6 @@ impl PackedWeight {
                     w.dtype()
                 );
             }
-            n += rows;
             held.push(w.to_device(&Device::Cpu)?.contiguous()?);
         }
         // Read the tensors' storage in place: loading copies no weight more than it must.
@@ -169,11 +175,43 @@ impl PackedWeight {
                 out
             }};
         }
-        let data = match dtype {
-            DType::F32 => Data::F32(pack(&slices!(F32), n, k)),
-            DType::BF16 => Data::Bf16(pack(&slices!(BF16), n, k)),
-            DType::F16 => Data::F16(pack(&slices!(F16), n, k)),
+        match dtype {
+            DType::F32 => Self::from_host(HostRows::F32(&slices!(F32)), k),
+            DType::BF16 => Self::from_host(HostRows::Bf16(&slices!(BF16)), k),
+            DType::F16 => Self::from_host(HostRows::F16(&slices!(F16)), k),
             other => candle_core::bail!("packed weights: unsupported dtype {other:?}"),
+        }
+    }
+
+    /// Packs row-major rows of `k` held in host memory (a memory-mapped checkpoint, say), the
+    /// parts' rows one after another: the packed panels are the only memory written.
+    pub fn from_host(parts: HostRows<'_>, k: usize) -> Result<Self> {
+        fn rows<T>(parts: &[&[T]], k: usize) -> Result<usize> {
+            if k == 0 || parts.is_empty() {
+                candle_core::bail!("packed weights: nothing to pack");
+            }
+            let mut n = 0;
+            for part in parts {
+                if part.len() % k != 0 {
+                    candle_core::bail!("packed weights: {} elements in rows of {k}", part.len());
+                }
+                n += part.len() / k;
+            }
+            Ok(n)
+        }
+        let (n, data) = match parts {
+            HostRows::F32(p) => {
+                let n = rows(p, k)?;
+                (n, Data::F32(pack(p, n, k)))
+            }
+            HostRows::Bf16(p) => {
+                let n = rows(p, k)?;
+                (n, Data::Bf16(pack(p, n, k)))
+            }
+            HostRows::F16(p) => {
+                let n = rows(p, k)?;
+                (n, Data::F16(pack(p, n, k)))
+            }
         };
         Ok(Self { n, k, data })
     }

@@ -1,8 +1,8 @@
 //! Grouped-query self-attention with merged q/k/v, optional q/k biases (Qwen2) and per-head
 //! q/k RMSNorm (Qwen3). Reads and writes the KV cache through [`KvCache`].
 
+use crate::weights::Weights;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::{rotary::RopeRows, Linear, RmsNorm};
 use crate::batch::Batch;
@@ -21,7 +21,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, vb: Weights) -> Result<Self> {
         let (h, kv, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,

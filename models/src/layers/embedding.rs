@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 use ember_kernels::PackedWeight;
+
+use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
 pub enum Embedding {
@@ -16,12 +17,14 @@ pub enum Embedding {
 
 impl Embedding {
     /// `tied`: the table is also the lm_head.
-    pub fn load(
-        vb: &VarBuilder,
-        vocab_size: usize,
-        hidden_size: usize,
-        tied: bool,
-    ) -> Result<Self> {
+    pub fn load(vb: &Weights, vocab_size: usize, hidden_size: usize, tied: bool) -> Result<Self> {
+        if tied {
+            // Packed straight from a mapped checkpoint where there is one.
+            let file = std::slice::from_ref(vb);
+            if let Some(packed) = Weights::packed_from_file(file, &[vocab_size], hidden_size)? {
+                return Ok(Self::Packed(Arc::new(packed)));
+            }
+        }
         let weight = vb.get((vocab_size, hidden_size), "weight")?;
         if tied && weight.device().is_cpu() {
             Ok(Self::Packed(Arc::new(PackedWeight::new(&weight)?)))

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use ember_kernels::PackedWeight;
+
+use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -22,22 +23,6 @@ pub enum Linear {
     },
 }
 
-/// `<vb>.weight` (out, in) and, when `with_bias`, `<vb>.bias`.
-fn load_tensors(
-    vb: &VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-    with_bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if with_bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    Ok((weight, bias))
-}
-
 impl Linear {
     /// Packs `weight` when it lives on the CPU.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
@@ -51,36 +36,49 @@ impl Linear {
     }
 
     /// Loads `<vb>.weight` (and `<vb>.bias` when `with_bias`).
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
-        let (weight, bias) = load_tensors(vb, in_dim, out_dim, with_bias)?;
-        Self::new(weight, bias)
+    pub fn load(vb: &Weights, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        Self::load_merged(std::slice::from_ref(vb), in_dim, &[out_dim], with_bias)
     }
 
     /// Loads several projections that read the same input and concatenates them along the
     /// output dimension (q/k/v, gate/up), so one matmul replaces several.
     pub fn load_merged(
-        vbs: &[VarBuilder],
+        vbs: &[Weights],
         in_dim: usize,
         out_dims: &[usize],
         with_bias: bool,
     ) -> Result<Self> {
-        let parts = vbs
+        let bias = if with_bias {
+            let parts = vbs
+                .iter()
+                .zip(out_dims)
+                .map(|(vb, &out)| vb.get(out, "bias"))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        // On CPU the parts are packed one after another, straight from a mapped checkpoint
+        // where there is one, else from the loaded tensors in place (no concatenated copy).
+        if let Some(weight) = Weights::packed_from_file(vbs, out_dims, in_dim)? {
+            return Ok(Self::Packed {
+                weight: Arc::new(weight),
+                bias: Self::f32_bias(bias)?,
+            });
+        }
+        let weights = vbs
             .iter()
             .zip(out_dims)
-            .map(|(vb, &out)| load_tensors(vb, in_dim, out, with_bias))
+            .map(|(vb, &out)| vb.get((out, in_dim), "weight"))
             .collect::<Result<Vec<_>>>()?;
-        let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
-        let bias = match biases {
-            Some(b) if with_bias => Some(Tensor::cat(&b, 0)?),
-            _ => None,
-        };
         match weights.first() {
-            // On CPU the parts are packed in place, one after another (no concatenated copy).
-            Some(w) if w.device().is_cpu() => Ok(Self::Packed {
-                weight: Arc::new(PackedWeight::concat(&weights)?),
-                bias: Self::f32_bias(bias)?,
-            }),
+            Some(w) if w.device().is_cpu() => {
+                let parts: Vec<&Tensor> = weights.iter().collect();
+                Ok(Self::Packed {
+                    weight: Arc::new(PackedWeight::concat(&parts)?),
+                    bias: Self::f32_bias(bias)?,
+                })
+            }
             _ => Self::new(Tensor::cat(&weights, 0)?, bias),
         }
     }

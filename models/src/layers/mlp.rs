@@ -1,7 +1,7 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, gate and up merged into one matmul.
 
+use crate::weights::Weights;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::Linear;
 
@@ -12,7 +12,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, hidden_size: usize, intermediate_size: usize) -> Result<Self> {
+    pub fn load(vb: Weights, hidden_size: usize, intermediate_size: usize) -> Result<Self> {
         Ok(Self {
             gate_up_proj: Linear::load_merged(
                 &[vb.pp("gate_proj"), vb.pp("up_proj")],

@@ -1,8 +1,8 @@
 //! Sparse mixture of experts (Qwen2-MoE, Qwen3-MoE): a softmax router picks the top-k experts
 //! per token; Qwen2-MoE adds a shared expert scaled by a sigmoid gate.
 
+use crate::weights::Weights;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::{Linear, Mlp};
 use crate::config::{ModelConfig, MoeConfig};
@@ -23,7 +23,7 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
-    pub fn load(cfg: &ModelConfig, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, moe: &MoeConfig, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let router = Linear::load(&vb.pp("gate"), h, moe.num_experts, false)?;
         let experts = (0..moe.num_experts)
