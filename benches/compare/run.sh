@@ -11,7 +11,8 @@
 #   3. llama.cpp from llama-cpp-python's sdist (vendor/llama.cpp): llama-bench, llama-server
 #   4. GGUF f16 and q8_0 with vendor/llama.cpp/convert_hf_to_gguf.py and its gguf-py
 #   5. measurements: memory bandwidth; batch-1 prefill (128, 512) and decode for Ember,
-#      llama-bench and transformers; `ember bench serve` at concurrency 1,4,16 against
+#      llama-bench and transformers; batch-1 decode in interleaved rounds (Ember bf16,
+#      llama-bench f16); `ember bench serve` at concurrency 1,4,16 against
 #      `ember serve` and `llama-server --parallel 16`
 #   6. benches/compare/summarize.py -> summary.md (table, ratios, roofline fraction)
 set -euo pipefail
@@ -28,6 +29,7 @@ NUM_PROMPTS=${NUM_PROMPTS:-16}
 INPUT_LEN=${INPUT_LEN:-128}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
 DECODE_TOKENS=${DECODE_TOKENS:-64}
+DECODE_ROUNDS=${DECODE_ROUNDS:-6}
 CONTEXT_LENS=${CONTEXT_LENS:-128,1024,4096}
 mkdir -p "$WORK" "$OUT"
 log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
@@ -118,6 +120,11 @@ for t in f16 q8_0; do
     "$LLAMA/bin/llama-bench" -m "$WORK/model-$t.gguf" -p 128,512 -n "$DECODE_TOKENS" \
         -t "$THREADS" -r 3 -o json > "$OUT/llama-bench-$t.json"
 done
+# Batch-1 decode again, Ember bf16 and llama-bench f16 taking turns (ab_decode.sh), so that
+# the VM's bandwidth, which moves by tens of percent within minutes, hits both alike.
+log "interleaved decode ($DECODE_ROUNDS rounds)"
+WORK=$WORK THREADS=$THREADS DECODE_TOKENS=$DECODE_TOKENS EMBER=$EMBER DTYPE=$EMBER_DTYPE \
+    benches/compare/ab_decode.sh "$DECODE_ROUNDS" "ember:" "llama:" > "$OUT/decode-rounds.txt"
 for d in float32 bfloat16; do
     log "transformers batch-1 latency ($d)"
     "$WORK/hf-venv/bin/python" benches/compare/hf_latency.py --model "$MODEL" --dtype "$d" \

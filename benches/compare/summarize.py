@@ -9,6 +9,7 @@ Usage: summarize.py RESULTS_DIR MODEL_DIR
 
 import csv
 import json
+import statistics
 import struct
 import sys
 from pathlib import Path
@@ -141,6 +142,29 @@ def main():
         ceiling = ceiling_bw * 1e9 / per_token
         measured = by[(name, dtype)]["decode"]
         print(f"| {name} | {dtype} | {per_token / 1e9:.2f} GB | {ceiling:.1f} | {fmt(measured, 2)} | {fmt(100 * measured / ceiling if measured else None)} % |")
+
+    rounds = results / "decode-rounds.txt"
+    if rounds.exists():
+        per = {}
+        for line in rounds.read_text().split("\n"):
+            fields = line.split()
+            if len(fields) == 3 and fields[2] != "":
+                per.setdefault(int(fields[0]), {})[fields[1]] = float(fields[2])
+        both = [r for r in per.values() if r.get("ember") and r.get("llama")]
+        if both:
+            ratios = [r["ember"] / r["llama"] for r in both]
+            em = statistics.median(r["ember"] for r in both)
+            ll = statistics.median(r["llama"] for r in both)
+            ceiling = ceiling_bw * 1e9 / (params * 2)
+            print(f"\n### Interleaved batch-1 decode ({len(both)} rounds, Ember bf16 and llama-bench f16 taking turns)\n")
+            print("| round | Ember bf16 tok/s | llama.cpp f16 tok/s | Ember ÷ llama.cpp |")
+            print("|---|---|---|---|")
+            for n in sorted(per):
+                r = per[n]
+                if r.get("ember") and r.get("llama"):
+                    print(f"| {n} | {r['ember']:.2f} | {r['llama']:.2f} | {r['ember'] / r['llama']:.2f} |")
+            print(f"| median | {em:.2f} | {ll:.2f} | {statistics.median(ratios):.2f} (ratio of medians {em / ll:.2f}) |")
+            print(f"\nMedian Ember bf16 decode: {100 * em / ceiling:.1f} % of the ceiling above ({ceiling:.1f} tok/s).")
 
     bf16 = by[("Ember", "bf16")]
     if bf16["context"]:

@@ -359,7 +359,14 @@ impl Engine {
         }
         // A NaN or +inf logit (a numerical fault in the model) would be sampled as some token
         // silently: the sequence fails instead.
-        if let Some(bad) = logits.iter().find(|l| l.is_nan() || **l == f32::INFINITY) {
+        // One branch-free pass (vectorized) to find out, a second only to name the bad value.
+        let is_bad = |l: f32| l.is_nan() | (l == f32::INFINITY);
+        if logits.iter().fold(false, |bad, &l| bad | is_bad(l)) {
+            let bad = logits
+                .iter()
+                .copied()
+                .find(|&l| is_bad(l))
+                .unwrap_or(f32::NAN);
             tracing::error!("sequence {id}: the model produced a logit of {bad}; failing it");
             self.finish(id, FinishReason::Error, None);
             return;

