@@ -4,7 +4,8 @@ use anyhow::{bail, Result};
 use ember::api::{ApiConfig, AppState, RequestLimits};
 use ember::bench::{run_latency, run_offline};
 use ember::cli::{
-    BenchCommand, Cli, Command, EngineArgs, GenerateArgs, ModelArgs, OfflineArgs, ServeArgs,
+    BenchCommand, Cli, Command, EngineArgs, GenerateArgs, LogFormat, ModelArgs, OfflineArgs,
+    ServeArgs,
 };
 use ember::device::{parse_dtype, DeviceSpec};
 use ember::engine::sampler::SamplingParams;
@@ -12,18 +13,43 @@ use ember::engine::{EngineConfig, EngineHandle, KvCacheBudget};
 use ember::model::LoadedModel;
 use ember::template::{ChatTemplate, RenderOptions};
 
-fn main() {
-    tracing_subscriber::fmt()
+/// Levels of `ember serve` unless RUST_LOG says otherwise: Ember's own lines (start-up, access
+/// lines) at info, its libraries' at warn. Other commands print their results themselves and
+/// log warnings only.
+const SERVE_LOG_FILTER: &str = "warn,ember=info,ember_models=info,ember_kernels=info";
+const DEFAULT_LOG_FILTER: &str = "warn";
+/// Lines that are logged whatever RUST_LOG says: the address tools wait for.
+const ALWAYS_LOGGED: &str = "ember::listen=info";
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let filter = match ALWAYS_LOGGED.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // Colour codes only for a person at a terminal, never into a file or a collector.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn main() {
+    let cli = parse_cli();
+    let format = cli.log_format;
+    let default_filter = match cli.command {
+        Command::Serve(_) => SERVE_LOG_FILTER,
+        _ => DEFAULT_LOG_FILTER,
+    };
+    init_logging(format, default_filter);
     if let Some(warning) = ember_kernels::cpu_isa_warning() {
         tracing::warn!("{warning}");
     }
-    let cli = parse_cli();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
@@ -45,7 +71,11 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        match format {
+            // A log collector gets the last word as a JSON line too.
+            LogFormat::Json => tracing::error!("{e:#}"),
+            LogFormat::Text => eprintln!("error: {e:#}"),
+        }
         std::process::exit(1);
     }
 }
@@ -166,6 +196,12 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
     let device: DeviceSpec = args.device.parse()?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     let loaded = LoadedModel::load(&args.model, args.revision.as_deref(), device, dtype)?;
+    tracing::info!(
+        model = %args.model,
+        revision = args.revision.as_deref(),
+        dtype = ?loaded.model.dtype(),
+        "model loaded"
+    );
     Ok((loaded, device))
 }
 
@@ -240,6 +276,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         preprocess_timeout: std::time::Duration::from_secs(args.preprocess_timeout.max(1)),
         request_timeout: (args.request_timeout > 0)
             .then(|| std::time::Duration::from_secs(args.request_timeout)),
+        log_requests: args.log_requests,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -248,7 +285,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .map_err(|e| anyhow::anyhow!("binding {}:{}: {e}", args.host, args.port))?;
-        eprintln!("ember: listening on http://{}", listener.local_addr()?);
+        // Tools read the address from this line (`--port 0`); it is logged whatever RUST_LOG says.
+        let address = format!("http://{}", listener.local_addr()?);
+        tracing::info!(target: "ember::listen", %address, "listening on {address}");
         let model_args = args.model;
         let load = move || {
             let (loaded, _) = load(&model_args)?;

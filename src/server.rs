@@ -25,7 +25,28 @@ pub fn start_engine(loaded: LoadedModel, cfg: &EngineConfig) -> Result<ModelCont
     let tokenizer = loaded.tokenizer.clone();
     let template = loaded.template.clone();
     let defaults = loaded.defaults.clone();
+    let model = &loaded.model;
+    let (arch, dtype) = (model.config().arch, model.dtype());
+    let device = if model.device().is_cpu() {
+        format!("cpu ({} kernels)", ember_kernels::cpu_isa())
+    } else {
+        format!("{:?}", model.device().location())
+    };
     let (engine, _thread) = EngineHandle::spawn(loaded, cfg)?;
+    let limits = engine.limits();
+    tracing::info!(
+        ?arch,
+        ?dtype,
+        device = %device,
+        max_model_len = limits.max_model_len,
+        kv_cache_tokens = limits.max_cache_tokens,
+        kv_blocks = limits.num_blocks,
+        block_size = limits.block_size,
+        max_num_seqs = cfg.max_num_seqs,
+        max_num_batched_tokens = cfg.max_num_batched_tokens,
+        prefix_caching = cfg.enable_prefix_caching,
+        "engine started"
+    );
     Ok(ModelContext::new(engine, tokenizer, template, defaults))
 }
 
@@ -59,7 +80,7 @@ pub async fn serve(
                 match result {
                     Ok(Ok(ctx)) => {
                         state.set_ready(ctx);
-                        eprintln!("ember: ready");
+                        tracing::info!("ready");
                     }
                     Ok(Err(e)) => {
                         let _ = stop_tx.send(());
@@ -73,7 +94,7 @@ pub async fn serve(
             }
             _ = engine_check.tick(), if loaded => {
                 if state.engine_failed() {
-                    eprintln!("ember: the engine has stopped; draining, then exiting with an error");
+                    tracing::error!("the engine has stopped; draining, then exiting with an error");
                     engine_failed = true;
                     break;
                 }
@@ -84,16 +105,17 @@ pub async fn serve(
     state.start_draining();
     let draining = Instant::now();
     let deadline = draining + shutdown_timeout;
-    eprintln!(
-        "ember: shutting down; {} sequence(s) in flight",
+    tracing::info!(
+        in_flight = state.num_in_flight(),
+        "shutting down; {} sequence(s) in flight",
         state.num_in_flight()
     );
     while state.num_in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if state.num_in_flight() > 0 {
-        eprintln!(
-            "ember: shutdown timeout: dropping {} request(s)",
+        tracing::warn!(
+            "shutdown timeout: dropping {} request(s)",
             state.num_in_flight()
         );
     }

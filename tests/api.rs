@@ -279,12 +279,64 @@ fn chat_streamed_equals_whole_and_chunks_are_shaped_like_openai() {
     assert!(choice_chunks[..choice_chunks.len() - 1]
         .iter()
         .all(|c| c["choices"][0]["finish_reason"].is_null()));
-    // Without include_usage there is no usage chunk.
+    // As OpenAI sends it with include_usage: "usage": null on every chunk but the last.
+    assert!(choice_chunks
+        .iter()
+        .all(|c| c.as_object().unwrap().get("usage") == Some(&Json::Null)));
+    // Without include_usage there is no usage chunk, and no usage field.
     body["stream_options"] = Json::Null;
     let chunks = stream(&s.url("/v1/chat/completions"), &body);
-    assert!(chunks[..chunks.len() - 1]
-        .iter()
-        .all(|c| !c["choices"].as_array().unwrap().is_empty()));
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| !c["choices"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+        && c.get("usage").is_none()));
+}
+
+/// vLLM's `continuous_usage_stats` (guidellm's default streaming request): every chunk carries
+/// the usage so far, ending at the whole answer's counts, on chat and on completions.
+#[test]
+fn continuous_usage_stats_count_as_the_stream_goes() {
+    let s = server();
+    for (route, mut body) in [
+        ("/v1/chat/completions", chat("Count with me")),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Count with me"}),
+        ),
+    ] {
+        body["max_tokens"] = json!(9);
+        body["ignore_eos"] = json!(true);
+        let (status, whole) = s.post(route, &body);
+        assert_eq!(status, 200, "{whole}");
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+        let chunks = stream(&s.url(route), &body);
+        let (usage_chunk, choice_chunks) = chunks[..chunks.len() - 1].split_last().unwrap();
+        assert_eq!(usage_chunk["usage"]["completion_tokens"], 9);
+        let mut last = 0;
+        for c in choice_chunks {
+            let u = &c["usage"];
+            assert_eq!(
+                u["prompt_tokens"], whole["usage"]["prompt_tokens"],
+                "{route}: {c}"
+            );
+            let done = u["completion_tokens"].as_u64().unwrap();
+            assert!(done >= last, "{route}: counts only grow");
+            assert_eq!(
+                u["total_tokens"],
+                u["prompt_tokens"].as_u64().unwrap() + done
+            );
+            last = done;
+        }
+        assert_eq!(last, 9, "{route}: the last chunk counts every token");
+        // Without include_usage the flag alone adds nothing (as in vLLM).
+        body["stream_options"] = json!({"continuous_usage_stats": true});
+        let chunks = stream(&s.url(route), &body);
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c.get("usage").is_none()));
+    }
 }
 
 #[test]

@@ -8,15 +8,17 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::{json, Value as Json};
 use tokenizers::Tokenizer;
 
 use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
 
+use super::access::{AccessRecord, RequestId};
 use super::error::ApiError;
 use super::generation::{
     begin, blocking, finish_reason_str, new_id, sse, stop_reason_json, unix_now, whole_response,
-    ChunkWriter, Deadline, Submission, Usage,
+    ChunkUsage, ChunkWriter, Deadline, Submission, Usage,
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
@@ -44,6 +46,8 @@ struct Plan {
 
 pub async fn handle(
     State(state): State<AppState>,
+    Extension(access): Extension<AccessRecord>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
@@ -109,6 +113,11 @@ pub async fn handle(
         prompts_of(prompt_field, &tokenizer, deadline)
     })
     .await?;
+    if state.0.config.log_requests {
+        for (i, p) in prompts.iter().enumerate() {
+            tracing::info!(target: "ember::requests", request_id = %request_id, index = i, prompt = %p.text, "completion prompt");
+        }
+    }
     let limit = ctx.limits.max_model_len.min(ctx.limits.max_cache_tokens);
     let mut requests = Vec::with_capacity(prompts.len());
     for p in &prompts {
@@ -127,11 +136,12 @@ pub async fn handle(
         n: template.n,
         prompts,
     };
-    let submission = Submission::submit(&state, ctx, requests, arrived, admitted)?;
+    let submission = Submission::submit(&state, ctx, requests, arrived, admitted, access)?;
     let tokenizer = ctx.tokenizer.clone();
     if plan.options.stream {
+        let usage = ChunkUsage::of(&plan.options);
         let writer = CompletionChunks::new(plan, tokenizer);
-        Ok(sse(submission, writer))
+        Ok(sse(submission, writer, usage))
     } else {
         collect(submission, plan, &tokenizer).await
     }

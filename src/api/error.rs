@@ -180,6 +180,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
+        response
+            .extensions_mut()
+            .insert(super::access::ErrorNote(self.message.clone()));
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

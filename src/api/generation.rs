@@ -16,6 +16,7 @@ use serde_json::{json, Value as Json};
 use crate::engine::{EngineEvent, FinishReason, StopReason, ValidRequest};
 use crate::metrics::RequestTimer;
 
+use super::access::AccessRecord;
 use super::error::ApiError;
 use super::types::{parse_with_common, WithCommon, COMMON_FIELDS};
 use super::{AppState, InFlight, ModelContext};
@@ -219,6 +220,10 @@ pub struct Submission {
     /// When the request must be done (`--request-timeout`), and that limit.
     deadline: Option<(tokio::time::Instant, Duration)>,
     state: AppState,
+    access: AccessRecord,
+    arrived: Instant,
+    /// Prompt tokens of each prompt.
+    prompt_lens: Vec<usize>,
     _admitted: InFlight,
 }
 
@@ -229,8 +234,10 @@ impl Submission {
         requests: Vec<ValidRequest>,
         arrived: Instant,
         admitted: InFlight,
+        access: AccessRecord,
     ) -> Result<Self, ApiError> {
         let unfinished = requests.iter().map(|r| r.n).sum();
+        let prompt_lens = requests.iter().map(|r| r.prompt.len()).collect();
         let mut streams = Vec::with_capacity(requests.len());
         for (i, request) in requests.into_iter().enumerate() {
             let rx = ctx.engine.submit(request)?;
@@ -249,6 +256,9 @@ impl Submission {
                 .request_timeout
                 .map(|t| (tokio::time::Instant::from_std(arrived + t), t)),
             state: state.clone(),
+            access,
+            arrived,
+            prompt_lens,
             _admitted: admitted,
         })
     }
@@ -256,6 +266,14 @@ impl Submission {
     /// The next event of any prompt; None when all completions are done. A completion the
     /// engine could not run is an error (details are in the engine's log).
     pub async fn next(&mut self) -> Result<Option<(usize, EngineEvent)>, ApiError> {
+        let next = self.next_event().await;
+        if let Err(e) = &next {
+            self.access.on_error(&e.message);
+        }
+        next
+    }
+
+    async fn next_event(&mut self) -> Result<Option<(usize, EngineEvent)>, ApiError> {
         let next = match self.deadline {
             // Checked before waiting too: a busy stream always has an event ready, and a ready
             // future wins over an expired timer.
@@ -274,13 +292,27 @@ impl Submission {
             Some((prompt, event)) => {
                 match &event {
                     EngineEvent::Token { index, .. } => {
+                        self.access.on_token(self.arrived);
                         self.timer.on_token(metrics, prompt, *index)
                     }
                     EngineEvent::Finished {
                         reason: FinishReason::Error,
                         ..
                     } => return Err(ApiError::internal("the engine failed a completion")),
-                    EngineEvent::Finished { queue_time, .. } => {
+                    EngineEvent::Finished {
+                        index,
+                        reason,
+                        queue_time,
+                        num_prompt_tokens,
+                        num_cached_tokens,
+                        ..
+                    } => {
+                        self.access.on_finished(
+                            *index,
+                            *reason,
+                            *num_prompt_tokens,
+                            *num_cached_tokens,
+                        );
                         self.unfinished = self.unfinished.saturating_sub(1);
                         metrics.observe_queue_time(*queue_time)
                     }
@@ -311,21 +343,85 @@ fn data(json: &Json) -> Event {
     Event::default().data(json.to_string())
 }
 
+/// What the chunks before the final usage chunk say of usage (`stream_options`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkUsage {
+    /// No `usage` field (include_usage unset).
+    Omitted,
+    /// `"usage": null`, as OpenAI sends with include_usage.
+    Null,
+    /// The counts so far (vLLM's continuous_usage_stats): the request's prompt tokens and the
+    /// tokens generated up to this chunk.
+    Running,
+}
+
+impl ChunkUsage {
+    pub fn of(options: &super::sampling::OutputOptions) -> Self {
+        match (options.include_usage, options.continuous_usage) {
+            (false, _) => Self::Omitted,
+            (true, false) => Self::Null,
+            (true, true) => Self::Running,
+        }
+    }
+}
+
+/// Running token counts of a stream, for [`ChunkUsage::Running`].
+#[derive(Debug, Default)]
+struct RunningUsage {
+    /// Prompt tokens of each prompt.
+    prompts: Vec<usize>,
+    completion: usize,
+}
+
+impl RunningUsage {
+    fn json(&self) -> Json {
+        let prompt: usize = self.prompts.iter().sum();
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": prompt + self.completion,
+        })
+    }
+}
+
 /// The SSE response: chunks as `data:` events, keep-alive comments, then `data: [DONE]`.
 /// When the client goes away the body is dropped, and with it the submission.
-pub fn sse<W: ChunkWriter>(submission: Submission, writer: W) -> Response {
+pub fn sse<W: ChunkWriter>(submission: Submission, writer: W, usage: ChunkUsage) -> Response {
     enum Phase<W> {
-        Running(Submission, W),
+        Running(Box<(Submission, W, RunningUsage)>),
         Done,
     }
-    let events = stream::unfold(Phase::Running(submission, writer), |phase| async move {
-        let Phase::Running(mut sub, mut writer) = phase else {
+    let prompts = submission.prompt_lens.clone();
+    let running = RunningUsage {
+        prompts,
+        completion: 0,
+    };
+    let start = Phase::Running(Box::new((submission, writer, running)));
+    let events = stream::unfold(start, move |phase| async move {
+        let Phase::Running(running_phase) = phase else {
             return None;
         };
+        let (mut sub, mut writer, mut running) = *running_phase;
         let step: Vec<Event> = match sub.next().await {
             Ok(Some((prompt, event))) => {
-                let events = writer.on_event(prompt, event).iter().map(data).collect();
-                return Some((events, Phase::Running(sub, writer)));
+                if let EngineEvent::Token { .. } = event {
+                    running.completion += 1;
+                }
+                let mut chunks = writer.on_event(prompt, event);
+                let field = match usage {
+                    ChunkUsage::Omitted => None,
+                    ChunkUsage::Null => Some(Json::Null),
+                    ChunkUsage::Running => Some(running.json()),
+                };
+                if let Some(field) = field {
+                    for chunk in &mut chunks {
+                        if let Some(obj) = chunk.as_object_mut() {
+                            obj.insert("usage".into(), field.clone());
+                        }
+                    }
+                }
+                let events = chunks.iter().map(data).collect();
+                return Some((events, Phase::Running(Box::new((sub, writer, running)))));
             }
             // An error after the stream began is an event in the envelope, then the end.
             Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],

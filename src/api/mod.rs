@@ -2,6 +2,7 @@
 //! the engine and engine events back into OpenAI responses and SSE chunks; the engine never sees
 //! OpenAI types.
 
+pub mod access;
 mod auth;
 mod chat;
 mod completions;
@@ -52,6 +53,9 @@ pub struct ApiConfig {
     /// A request still running this long after it arrived is ended (408; an error event on a
     /// stream) and its sequences aborted. None: no deadline (work is bounded by max_tokens).
     pub request_timeout: Option<Duration>,
+    /// Log each generation request's prompt (`--log-requests`); off, no prompt or completion
+    /// text is ever logged.
+    pub log_requests: bool,
 }
 
 /// What one request may carry: everything the engine walks per token or per sequence is
@@ -100,6 +104,7 @@ impl Default for ApiConfig {
             preprocess_timeout: Duration::from_secs(10),
             limits: RequestLimits::default(),
             request_timeout: None,
+            log_requests: false,
         }
     }
 }
@@ -292,8 +297,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone());
-    match auth::cors_layer(&state.0.config.cors_allowed_origins) {
+    let router = match auth::cors_layer(&state.0.config.cors_allowed_origins) {
         Some(cors) => router.layer(cors),
         None => router,
-    }
+    };
+    // Outermost: every response gets its request id and its access line.
+    router.layer(axum::middleware::from_fn(access::layer))
 }

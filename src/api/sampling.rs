@@ -18,6 +18,9 @@ pub struct OutputOptions {
     pub model: String,
     pub stream: bool,
     pub include_usage: bool,
+    /// With include_usage: the usage so far on every chunk, not `null` (vLLM's
+    /// `continuous_usage_stats`).
+    pub continuous_usage: bool,
     pub return_tokens_as_token_ids: bool,
 }
 
@@ -224,6 +227,10 @@ pub fn build(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        // As in vLLM: only together with include_usage.
+        continuous_usage: p.stream_options.as_ref().is_some_and(|o| {
+            o.include_usage.unwrap_or(false) && o.continuous_usage_stats.unwrap_or(false)
+        }),
         return_tokens_as_token_ids: p.return_tokens_as_token_ids.unwrap_or(false),
     };
     Ok((request, options))

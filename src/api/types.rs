@@ -125,6 +125,9 @@ impl StopField {
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's extension (guidellm sends it): with include_usage, every chunk carries the usage
+    /// so far.
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Parameters chat and completions share, with vLLM's extensions.

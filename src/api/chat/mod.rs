@@ -17,13 +17,15 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::Value as Json;
 
 use crate::parsers::{ReasoningParser, ToolCallParser, TOOL_CALL_START};
 use crate::template::RenderOptions;
 
+use super::access::{AccessRecord, RequestId};
 use super::error::ApiError;
-use super::generation::{begin, blocking, sse, Submission};
+use super::generation::{begin, blocking, sse, ChunkUsage, Submission};
 use super::sampling::{self, OutputOptions};
 use super::types::{ChatRequest, CHAT_FIELDS};
 use super::AppState;
@@ -88,6 +90,8 @@ impl ChatPlan {
 
 pub async fn handle(
     State(state): State<AppState>,
+    Extension(access): Extension<AccessRecord>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
@@ -135,7 +139,8 @@ pub async fn handle(
     };
     let prefill = tool_mode.prefill();
     let tokenizer = ctx.tokenizer.clone();
-    let (prompt_opens_think, ids) = blocking(&state, move |deadline| {
+    let log_prompt = state.0.config.log_requests;
+    let (prompt_opens_think, ids, logged) = blocking(&state, move |deadline| {
         let mut text = template
             .render(&messages, &render)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
@@ -163,9 +168,12 @@ pub async fn handle(
             .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec();
-        Ok((opens_think, ids))
+        Ok((opens_think, ids, log_prompt.then_some(text)))
     })
     .await?;
+    if let Some(text) = logged {
+        tracing::info!(target: "ember::requests", request_id = %request_id, prompt = %text, "chat prompt");
+    }
     request.prompt = ids;
     let limit = ctx.limits.max_model_len.min(ctx.limits.max_cache_tokens);
     sampling::fill_max_tokens(&mut request, limit, "messages")?;
@@ -178,10 +186,11 @@ pub async fn handle(
         logprobs,
     };
     let n = request.n;
-    let submission = Submission::submit(&state, ctx, vec![request], arrived, admitted)?;
+    let submission = Submission::submit(&state, ctx, vec![request], arrived, admitted, access)?;
     let names = ctx.tokenizer.clone();
     if plan.options.stream {
-        Ok(sse(submission, ChatChunks::new(plan, n, names)))
+        let usage = ChunkUsage::of(&plan.options);
+        Ok(sse(submission, ChatChunks::new(plan, n, names), usage))
     } else {
         collect(submission, plan, n, &names).await
     }
@@ -274,6 +283,7 @@ mod tests {
                 model: "m".into(),
                 stream: false,
                 include_usage: false,
+                continuous_usage: false,
                 return_tokens_as_token_ids: false,
             },
             tool_mode,
