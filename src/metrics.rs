@@ -219,6 +219,26 @@ impl Collector for EngineCollector {
             "Sequences preempted to free KV-cache blocks",
             s.num_preemptions,
         )?;
+        // The KV cache's shape as labels of a constant 1, in vLLM's form (`cache_config_info`,
+        // `num_gpu_blocks` whatever the device): what an inference gateway's endpoint picker
+        // reads as its cache-info metric (docs/OPERATIONS.md).
+        let info = ConstGauge::new(1i64);
+        let mut family = e.encode_descriptor(
+            "cache_config_info",
+            "KV-cache configuration (value 1; the configuration is in the labels)",
+            None,
+            info.metric_type(),
+        )?;
+        let (block_size, blocks) = (s.block_size.to_string(), s.num_blocks.to_string());
+        let labels = [
+            ("block_size", block_size.as_str()),
+            ("num_gpu_blocks", blocks.as_str()),
+            (
+                "enable_prefix_caching",
+                if s.prefix_caching { "True" } else { "False" },
+            ),
+        ];
+        info.encode(family.encode_family(&labels)?)?;
         let finished = ConstCounter::new(0u64);
         let mut family = e.encode_descriptor(
             "request_success",

@@ -899,3 +899,57 @@ fn health_is_503_while_the_model_loads() {
     stop.send(()).unwrap();
     assert!(thread.join().unwrap().is_ok());
 }
+
+/// The endpoint-picker flags docs/OPERATIONS.md gives for an inference gateway name metrics
+/// that `/metrics` serves as gauges: the queue, the running batch, the KV-cache fraction (0 to
+/// 1) and the cache-config info with vLLM's labels.
+#[test]
+fn gateway_metric_mapping_in_the_docs_is_served() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md"),
+    )
+    .unwrap();
+    let names: Vec<(String, String)> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("--")?.split_once('='))
+        .filter(|(flag, name)| flag.ends_with("-metric") && !name.is_empty())
+        .map(|(flag, name)| (flag.to_string(), name.trim().to_string()))
+        .collect();
+    let flags: Vec<&str> = names.iter().map(|(f, _)| f.as_str()).collect();
+    for flag in [
+        "total-queued-requests-metric",
+        "total-running-requests-metric",
+        "kv-cache-usage-percentage-metric",
+        "cache-info-metric",
+    ] {
+        assert!(flags.contains(&flag), "docs/OPERATIONS.md maps --{flag}");
+    }
+    let s = server();
+    let (status, _) = s.post(
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200);
+    let (_, text) = get(&s.url("/metrics"));
+    for (flag, name) in &names {
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {name} gauge")),
+            "--{flag}={name}: no gauge {name} in:\n{text}"
+        );
+        let sample = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("--{flag}={name}: no sample in:\n{text}"));
+        let value: f64 = sample.rsplit(' ').next().unwrap().parse().unwrap();
+        match flag.as_str() {
+            "kv-cache-usage-percentage-metric" => assert!((0.0..=1.0).contains(&value)),
+            "cache-info-metric" => {
+                assert_eq!(value, 1.0);
+                let limits = s.state.engine_limits().expect("a loaded model");
+                assert!(sample.contains(&format!("block_size=\"{}\"", limits.block_size)));
+                assert!(sample.contains(&format!("num_gpu_blocks=\"{}\"", limits.num_blocks)));
+            }
+            _ => assert!(value >= 0.0),
+        }
+    }
+}

@@ -205,6 +205,11 @@ impl AppState {
         Ok(model)
     }
 
+    /// The engine's limits (context, KV blocks), once the model is loaded.
+    pub fn engine_limits(&self) -> Option<EngineLimits> {
+        self.0.model.get().map(|m| m.engine.limits())
+    }
+
     /// The model was loaded and its engine has since stopped: the process should exit.
     pub fn engine_failed(&self) -> bool {
         self.0.model.get().is_some_and(|m| !m.engine.is_running())

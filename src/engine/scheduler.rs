@@ -75,6 +75,10 @@ impl Scheduler {
         }
     }
 
+    pub fn prefix_caching(&self) -> bool {
+        self.cfg.enable_prefix_caching
+    }
+
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks
     }

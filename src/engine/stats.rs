@@ -9,6 +9,9 @@ pub struct EngineStats {
     pub num_waiting: usize,
     pub num_blocks: usize,
     pub num_free_blocks: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    pub prefix_caching: bool,
     pub prefix_cache_queried_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
     pub num_preemptions: u64,
@@ -36,6 +39,8 @@ impl EngineStats {
         self.num_running = scheduler.num_running();
         self.num_waiting = scheduler.num_waiting();
         self.num_blocks = blocks.num_blocks();
+        self.block_size = blocks.block_size();
+        self.prefix_caching = scheduler.prefix_caching();
         self.num_free_blocks = blocks.num_free_blocks();
         self.prefix_cache_queried_tokens = prefix.queried_tokens;
         self.prefix_cache_hit_tokens = prefix.hit_tokens;
