@@ -953,3 +953,61 @@ fn gateway_metric_mapping_in_the_docs_is_served() {
         }
     }
 }
+
+/// What mainstream tools send by default is accepted (not refused as unknown or invalid):
+/// guidellm (streaming, `stop: null`, `ignore_eos`, continuous usage), `vllm bench serve`
+/// (completions with `repetition_penalty`, `logprobs: null`; chat with
+/// `max_completion_tokens`), lm-evaluation-harness `local-completions` (loglikelihood: `echo`,
+/// `logprobs: 1`, `max_tokens: 1`, `seed`) and `local-chat-completions`.
+#[test]
+fn bodies_mainstream_tools_send_are_accepted() {
+    let s = server();
+    let msgs = json!([{"role": "user", "content": "Hello"}]);
+    let cases = [
+        (
+            "guidellm chat",
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": msgs, "max_tokens": 4, "stop": null, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+        ),
+        (
+            "guidellm completions",
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4, "stop": null, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+        ),
+        (
+            "vllm bench serve completions",
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Hello", "temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 4, "logprobs": null, "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true}),
+        ),
+        (
+            "vllm bench serve chat",
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": msgs, "temperature": 0.0, "max_completion_tokens": 4, "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true}),
+        ),
+        (
+            "lm-eval loglikelihood",
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ["Hello world", "Goodbye"], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true}),
+        ),
+        (
+            "lm-eval generate",
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ["Hello"], "temperature": 0, "max_tokens": 4, "stop": ["\n\n"], "seed": 1234}),
+        ),
+        (
+            "lm-eval chat",
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": msgs, "temperature": 0, "max_tokens": 4, "stop": ["<|im_end|>"], "seed": 1234}),
+        ),
+    ];
+    for (tool, route, body) in cases {
+        if body["stream"] == json!(true) {
+            let chunks = stream(&s.url(route), &body);
+            assert_eq!(chunks.last().unwrap(), "[DONE]", "{tool}");
+            assert!(chunks.len() > 2, "{tool}: {chunks:?}");
+        } else {
+            let (status, out) = s.post(route, &body);
+            assert_eq!(status, 200, "{tool}: {out}");
+        }
+    }
+}

@@ -32,7 +32,12 @@ impl ApiError {
 
     /// 400 with OpenAI's `context_length_exceeded` code: LiteLLM (`ContextWindowExceededError`)
     /// and langchain-openai recognise it to trim a conversation and retry.
+    ///
+    /// The message ends with the code in parentheses: OpenAI's Python SDK 3.x puts only the
+    /// message into the exception's text, and langchain-openai recognises a context overflow
+    /// (its `ContextOverflowError`) by finding `context_length_exceeded` in that text.
     pub fn context_length_exceeded(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = format!("{} (context_length_exceeded)", message.into());
         Self {
             code: Some("context_length_exceeded"),
             ..Self::invalid(param, message)
