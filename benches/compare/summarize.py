@@ -72,6 +72,22 @@ def hf_latency(path: Path):
     return {"prefill": r["prefill"], "decode": r["decode_tok_per_s"]}
 
 
+def decode_rounds(path: Path):
+    """The interleaved decode rounds (ab_decode.sh's "round name tok/s" lines) that have both
+    engines, in round order."""
+    if not path.exists():
+        return []
+    per = {}
+    for line in path.read_text().split("\n"):
+        fields = line.split()
+        if len(fields) == 3:
+            try:
+                per.setdefault(int(fields[0]), {})[fields[1]] = float(fields[2])
+            except ValueError:
+                continue
+    return [per[n] for n in sorted(per) if per[n].get("ember") and per[n].get("llama")]
+
+
 def fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -109,7 +125,9 @@ def main():
         return None if not a or not b else a / b
 
     by = {(n.split(" ")[0], d): r for n, d, r in latency}
-    print("\nRatios (Ember ÷ other; above 1 means Ember is faster):\n")
+    interleaved = decode_rounds(results / "decode-rounds.txt")
+    print("\nRatios (Ember ÷ other; above 1 means Ember is faster; decode from the single runs above,"
+          " and for bf16 ÷ f16 also the median ratio of the interleaved rounds below):\n")
     print("| comparison | prefill 128 | prefill 512 | decode |")
     print("|---|---|---|---|")
     for label, a, b in [
@@ -121,7 +139,10 @@ def main():
     ]:
         ra, rb = by[a], by[b]
         cells = [fmt(ratio(ra["prefill"].get(k), rb["prefill"].get(k)), 2) for k in ("128", "512")]
-        print(f"| {label} | {cells[0]} | {cells[1]} | {fmt(ratio(ra['decode'], rb['decode']), 2)} |")
+        decode = fmt(ratio(ra['decode'], rb['decode']), 2)
+        if interleaved and a == ("Ember", "bf16") and b == ("llama.cpp", "f16"):
+            decode += f" (interleaved: {statistics.median(r['ember'] / r['llama'] for r in interleaved):.2f})"
+        print(f"| {label} | {cells[0]} | {cells[1]} | {decode} |")
 
     # The ceiling uses the best bandwidth anything reached here: `ember bench memory`'s summing
     # loop, or the weight bytes per second an engine's decode actually streamed (llama.cpp's can
@@ -143,28 +164,19 @@ def main():
         measured = by[(name, dtype)]["decode"]
         print(f"| {name} | {dtype} | {per_token / 1e9:.2f} GB | {ceiling:.1f} | {fmt(measured, 2)} | {fmt(100 * measured / ceiling if measured else None)} % |")
 
-    rounds = results / "decode-rounds.txt"
-    if rounds.exists():
-        per = {}
-        for line in rounds.read_text().split("\n"):
-            fields = line.split()
-            if len(fields) == 3 and fields[2] != "":
-                per.setdefault(int(fields[0]), {})[fields[1]] = float(fields[2])
-        both = [r for r in per.values() if r.get("ember") and r.get("llama")]
-        if both:
-            ratios = [r["ember"] / r["llama"] for r in both]
-            em = statistics.median(r["ember"] for r in both)
-            ll = statistics.median(r["llama"] for r in both)
-            ceiling = ceiling_bw * 1e9 / (params * 2)
-            print(f"\n### Interleaved batch-1 decode ({len(both)} rounds, Ember bf16 and llama-bench f16 taking turns)\n")
-            print("| round | Ember bf16 tok/s | llama.cpp f16 tok/s | Ember ÷ llama.cpp |")
-            print("|---|---|---|---|")
-            for n in sorted(per):
-                r = per[n]
-                if r.get("ember") and r.get("llama"):
-                    print(f"| {n} | {r['ember']:.2f} | {r['llama']:.2f} | {r['ember'] / r['llama']:.2f} |")
-            print(f"| median | {em:.2f} | {ll:.2f} | {statistics.median(ratios):.2f} (ratio of medians {em / ll:.2f}) |")
-            print(f"\nMedian Ember bf16 decode: {100 * em / ceiling:.1f} % of the ceiling above ({ceiling:.1f} tok/s).")
+    both = interleaved
+    if both:
+        ratios = [r["ember"] / r["llama"] for r in both]
+        em = statistics.median(r["ember"] for r in both)
+        ll = statistics.median(r["llama"] for r in both)
+        ceiling = ceiling_bw * 1e9 / (params * 2)
+        print(f"\n### Interleaved batch-1 decode ({len(both)} rounds, Ember bf16 and llama-bench f16 taking turns)\n")
+        print("| round | Ember bf16 tok/s | llama.cpp f16 tok/s | Ember ÷ llama.cpp |")
+        print("|---|---|---|---|")
+        for n, r in enumerate(both, 1):
+            print(f"| {n} | {r['ember']:.2f} | {r['llama']:.2f} | {r['ember'] / r['llama']:.2f} |")
+        print(f"| median | {em:.2f} | {ll:.2f} | {statistics.median(ratios):.2f} (ratio of medians {em / ll:.2f}) |")
+        print(f"\nMedian Ember bf16 decode: {100 * em / ceiling:.1f} % of the ceiling above ({ceiling:.1f} tok/s).")
 
     bf16 = by[("Ember", "bf16")]
     if bf16["context"]:
