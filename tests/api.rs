@@ -956,7 +956,8 @@ fn gateway_metric_mapping_in_the_docs_is_served() {
 
 /// What mainstream tools send by default is accepted (not refused as unknown or invalid):
 /// guidellm (streaming, `stop: null`, `ignore_eos`, continuous usage), aiperf (chat with
-/// `max_completion_tokens`, `stream: false` spelled out), `vllm bench serve`
+/// `max_completion_tokens`, `stream: false` spelled out), Open WebUI (its last message as a text
+/// part marked `cache_control: ephemeral`, usage asked for), `vllm bench serve`
 /// (completions with `repetition_penalty`, `logprobs: null`; chat with
 /// `max_completion_tokens`), lm-evaluation-harness `local-completions` (loglikelihood: `echo`,
 /// `logprobs: 1`, `max_tokens: 1`, `seed`) and `local-chat-completions`.

@@ -9,31 +9,14 @@
 
 mod http;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use http::{api_config, engine_config, TestServer, MODEL};
+use http::{api_config, client_tool, engine_config, TestServer, MODEL};
 use serde_json::Value as Json;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Whether `path` exists; if not, skip (or fail where the suites are required).
-fn have(path: &Path, what: &str) -> bool {
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("EMBER_REQUIRE_CLIENT_SUITE").is_none(),
-        "EMBER_REQUIRE_CLIENT_SUITE is set but {} ({what}) does not exist",
-        path.display()
-    );
-    eprintln!(
-        "skipped: no {what} at {} (run scripts/client-venv.sh)",
-        path.display()
-    );
-    false
 }
 
 fn run(cmd: &mut Command, what: &str) {
@@ -47,7 +30,7 @@ fn run(cmd: &mut Command, what: &str) {
 #[test]
 fn langchain_and_litellm() {
     let python = root().join(".client-venv/bin/python");
-    if !have(&python, "Python with langchain-openai and litellm") {
+    if !client_tool(&python, "Python with langchain-openai and litellm") {
         return;
     }
     run(
@@ -63,7 +46,7 @@ fn langchain_and_litellm() {
 #[test]
 fn official_openai_node_sdk() {
     let dir = root().join("tests/clients/node");
-    if !have(&dir.join("node_modules/openai"), "openai Node SDK") {
+    if !client_tool(&dir.join("node_modules/openai"), "openai Node SDK") {
         return;
     }
     run(
@@ -80,7 +63,7 @@ fn official_openai_node_sdk() {
 #[test]
 fn guidellm_default_streaming_run() {
     let guidellm = root().join(".guidellm-venv/bin/guidellm");
-    if !have(&guidellm, "guidellm") {
+    if !client_tool(&guidellm, "guidellm") {
         return;
     }
     let server = TestServer::start("qwen3", api_config(), engine_config());

@@ -6,8 +6,12 @@
 //! it). Without them the test says so and skips, unless EMBER_REQUIRE_CLIENT_SUITE is set (CI),
 //! in which case it fails.
 
+mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use http::client_tool;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -31,22 +35,22 @@ fn validate(manifests: &[PathBuf]) -> (bool, String) {
 }
 
 fn available() -> bool {
-    let node_ok = Command::new(std::env::var_os("EMBER_NODE").unwrap_or_else(|| "node".into()))
+    let packages = root().join("deploy/validate/node_modules/kubernetes-models");
+    if !client_tool(
+        &packages,
+        "deploy validator packages (`npm ci` in deploy/validate)",
+    ) {
+        return false;
+    }
+    let node_runs = Command::new(std::env::var_os("EMBER_NODE").unwrap_or_else(|| "node".into()))
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    let packages = root()
-        .join("deploy/validate/node_modules/kubernetes-models")
-        .exists();
-    if node_ok && packages {
-        return true;
-    }
     assert!(
-        std::env::var_os("EMBER_REQUIRE_CLIENT_SUITE").is_none(),
-        "EMBER_REQUIRE_CLIENT_SUITE is set but node or deploy/validate/node_modules is missing"
+        node_runs,
+        "the validator's packages are installed but node does not run"
     );
-    eprintln!("skipped: no node or no `npm ci` in deploy/validate");
-    false
+    true
 }
 
 /// `file` from deploy/k8s with `from` replaced by `to`, written under a temporary directory.

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use ember::api::ApiConfig;
 use ember::engine::EngineConfig;
-use http::{api_config, engine_config, TestServer};
+use http::{api_config, client_tool, engine_config, TestServer};
 
 /// What the forced server answers: the suite checks it comes back as reasoning, content and a
 /// tool call.
@@ -28,16 +28,10 @@ fn official_openai_python_sdk_against_ember_serve() {
     let python = std::env::var_os("EMBER_CLIENT_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".client-venv/bin/python"));
-    if !python.exists() {
-        assert!(
-            std::env::var_os("EMBER_REQUIRE_CLIENT_SUITE").is_none(),
-            "EMBER_REQUIRE_CLIENT_SUITE is set but {} does not exist",
-            python.display()
-        );
-        eprintln!(
-            "skipped: no Python with the openai SDK at {} (run scripts/client-venv.sh)",
-            python.display()
-        );
+    if !client_tool(
+        &python,
+        "Python with the openai SDK (scripts/client-venv.sh)",
+    ) {
         return;
     }
     let forced = TestServer::start(

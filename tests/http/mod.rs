@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
@@ -242,4 +242,20 @@ pub fn eventually(secs: u64, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     check()
+}
+
+/// Whether the client tool a suite needs is installed at `path` (scripts/client-venv.sh, or
+/// `npm ci` for deploy/validate). If not, the test says so and skips, unless
+/// EMBER_REQUIRE_CLIENT_SUITE is set (CI sets it), in which case it fails.
+pub fn client_tool(path: &Path, what: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("EMBER_REQUIRE_CLIENT_SUITE").is_none(),
+        "EMBER_REQUIRE_CLIENT_SUITE is set but {} ({what}) does not exist",
+        path.display()
+    );
+    eprintln!("skipped: no {what} at {}", path.display());
+    false
 }
