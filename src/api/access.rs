@@ -55,6 +55,22 @@ impl AccessRecord {
         f(&mut guard)
     }
 
+    /// The request's prompts entered the engine: their tokens, all prompts together.
+    pub fn on_submit(&self, prompt_tokens: usize) {
+        self.with(|r| r.prompt_tokens = prompt_tokens);
+    }
+
+    /// The counts so far, as a `usage` object (vLLM's `continuous_usage_stats` chunks).
+    pub fn usage_so_far(&self) -> serde_json::Value {
+        self.with(|r| {
+            serde_json::json!({
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+            })
+        })
+    }
+
     /// A generated token; the first one sets the time to first token.
     pub fn on_token(&self, arrived: Instant) {
         self.with(|r| {
@@ -63,17 +79,11 @@ impl AccessRecord {
         });
     }
 
-    /// A finished completion; its prompt counted once per prompt (its first completion).
-    pub fn on_finished(
-        &self,
-        index: usize,
-        reason: FinishReason,
-        prompt_tokens: usize,
-        cached_tokens: usize,
-    ) {
+    /// A finished completion; cached prompt tokens counted once per prompt (its first
+    /// completion).
+    pub fn on_finished(&self, index: usize, reason: FinishReason, cached_tokens: usize) {
         self.with(|r| {
             if index == 0 {
-                r.prompt_tokens += prompt_tokens;
                 r.cached_tokens += cached_tokens;
             }
             let reason = finish_reason_str(reason);

@@ -222,8 +222,6 @@ pub struct Submission {
     state: AppState,
     access: AccessRecord,
     arrived: Instant,
-    /// Prompt tokens of each prompt.
-    prompt_lens: Vec<usize>,
     _admitted: InFlight,
 }
 
@@ -237,7 +235,7 @@ impl Submission {
         access: AccessRecord,
     ) -> Result<Self, ApiError> {
         let unfinished = requests.iter().map(|r| r.n).sum();
-        let prompt_lens = requests.iter().map(|r| r.prompt.len()).collect();
+        access.on_submit(requests.iter().map(|r| r.prompt.len()).sum());
         let mut streams = Vec::with_capacity(requests.len());
         for (i, request) in requests.into_iter().enumerate() {
             let rx = ctx.engine.submit(request)?;
@@ -258,7 +256,6 @@ impl Submission {
             state: state.clone(),
             access,
             arrived,
-            prompt_lens,
             _admitted: admitted,
         })
     }
@@ -303,16 +300,10 @@ impl Submission {
                         index,
                         reason,
                         queue_time,
-                        num_prompt_tokens,
                         num_cached_tokens,
                         ..
                     } => {
-                        self.access.on_finished(
-                            *index,
-                            *reason,
-                            *num_prompt_tokens,
-                            *num_cached_tokens,
-                        );
+                        self.access.on_finished(*index, *reason, *num_cached_tokens);
                         self.unfinished = self.unfinished.saturating_sub(1);
                         metrics.observe_queue_time(*queue_time)
                     }
@@ -365,74 +356,49 @@ impl ChunkUsage {
     }
 }
 
-/// Running token counts of a stream, for [`ChunkUsage::Running`].
-#[derive(Debug, Default)]
-struct RunningUsage {
-    /// Prompt tokens of each prompt.
-    prompts: Vec<usize>,
-    completion: usize,
-}
-
-impl RunningUsage {
-    fn json(&self) -> Json {
-        let prompt: usize = self.prompts.iter().sum();
-        json!({
-            "prompt_tokens": prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": prompt + self.completion,
-        })
-    }
-}
-
 /// The SSE response: chunks as `data:` events, keep-alive comments, then `data: [DONE]`.
 /// When the client goes away the body is dropped, and with it the submission.
 pub fn sse<W: ChunkWriter>(submission: Submission, writer: W, usage: ChunkUsage) -> Response {
     enum Phase<W> {
-        Running(Box<(Submission, W, RunningUsage)>),
+        Running(Submission, W),
         Done,
     }
-    let prompts = submission.prompt_lens.clone();
-    let running = RunningUsage {
-        prompts,
-        completion: 0,
-    };
-    let start = Phase::Running(Box::new((submission, writer, running)));
-    let events = stream::unfold(start, move |phase| async move {
-        let Phase::Running(running_phase) = phase else {
-            return None;
-        };
-        let (mut sub, mut writer, mut running) = *running_phase;
-        let step: Vec<Event> = match sub.next().await {
-            Ok(Some((prompt, event))) => {
-                if let EngineEvent::Token { .. } = event {
-                    running.completion += 1;
-                }
-                let mut chunks = writer.on_event(prompt, event);
-                let field = match usage {
-                    ChunkUsage::Omitted => None,
-                    ChunkUsage::Null => Some(Json::Null),
-                    ChunkUsage::Running => Some(running.json()),
-                };
-                if let Some(field) = field {
-                    for chunk in &mut chunks {
-                        if let Some(obj) = chunk.as_object_mut() {
-                            obj.insert("usage".into(), field.clone());
+    let events = stream::unfold(
+        Phase::Running(submission, writer),
+        move |phase| async move {
+            let Phase::Running(mut sub, mut writer) = phase else {
+                return None;
+            };
+            let step: Vec<Event> = match sub.next().await {
+                Ok(Some((prompt, event))) => {
+                    let mut chunks = writer.on_event(prompt, event);
+                    let field = match usage {
+                        ChunkUsage::Omitted => None,
+                        ChunkUsage::Null => Some(Json::Null),
+                        // Counted by the submission as the events passed (its access record).
+                        ChunkUsage::Running => Some(sub.access.usage_so_far()),
+                    };
+                    if let Some(field) = field {
+                        for chunk in &mut chunks {
+                            if let Some(obj) = chunk.as_object_mut() {
+                                obj.insert("usage".into(), field.clone());
+                            }
                         }
                     }
+                    let events = chunks.iter().map(data).collect();
+                    return Some((events, Phase::Running(sub, writer)));
                 }
-                let events = chunks.iter().map(data).collect();
-                return Some((events, Phase::Running(Box::new((sub, writer, running)))));
-            }
-            // An error after the stream began is an event in the envelope, then the end.
-            Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],
-            Ok(None) => {
-                let mut events: Vec<Event> = writer.on_end().iter().map(data).collect();
-                events.push(Event::default().data("[DONE]"));
-                events
-            }
-        };
-        Some((step, Phase::Done))
-    })
+                // An error after the stream began is an event in the envelope, then the end.
+                Err(e) => vec![data(&e.body()), Event::default().data("[DONE]")],
+                Ok(None) => {
+                    let mut events: Vec<Event> = writer.on_end().iter().map(data).collect();
+                    events.push(Event::default().data("[DONE]"));
+                    events
+                }
+            };
+            Some((step, Phase::Done))
+        },
+    )
     .flat_map(|events| stream::iter(events.into_iter().map(Ok::<Event, Infallible>)));
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
