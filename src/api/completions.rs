@@ -12,7 +12,7 @@ use axum::Extension;
 use serde_json::{json, Value as Json};
 use tokenizers::Tokenizer;
 
-use crate::engine::{EngineEvent, FinishReason, StopReason, TokenLogprob};
+use crate::engine::{ConstraintStart, EngineEvent, FinishReason, StopReason, TokenLogprob};
 
 use super::access::{AccessRecord, RequestId};
 use super::error::ApiError;
@@ -22,6 +22,7 @@ use super::generation::{
 };
 use super::logprobs::{LegacyLogprobs, TokenNames};
 use super::sampling::{self, OutputOptions};
+use super::structured;
 use super::types::{CompletionRequest, PromptField, COMPLETION_FIELDS};
 use super::AppState;
 
@@ -107,10 +108,22 @@ pub async fn handle(
         ));
     }
     admitted.claim(num_prompts * template.n)?;
+    let grammar = structured::one_of([
+        structured::from_response_format(req.response_format.as_ref())?,
+        structured::from_structured_outputs(req.structured_outputs.as_ref())?,
+    ])?;
+    let grammars = ctx.grammars.clone();
     let tokenizer = ctx.tokenizer.clone();
     let prompt_field = req.prompt;
-    let prompts = blocking(&state, move |deadline| {
-        prompts_of(prompt_field, &tokenizer, deadline)
+    let (prompts, constraint) = blocking(&state, move |deadline| {
+        let prompts = prompts_of(prompt_field, &tokenizer, deadline)?;
+        deadline.check()?;
+        // A completion has no chat turn: the grammar applies from the first token.
+        let start = ConstraintStart::Now { think: None };
+        let constraint = grammar
+            .map(|g| g.compile(&grammars, start))
+            .transpose()?;
+        Ok((prompts, constraint))
     })
     .await?;
     if state.0.config.log_requests {
@@ -123,6 +136,7 @@ pub async fn handle(
     for p in &prompts {
         let mut r = template.clone();
         r.prompt = p.ids.clone();
+        r.constraint = constraint.clone();
         if echo {
             r.prompt_logprobs = logprobs;
         }

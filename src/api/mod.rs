@@ -11,6 +11,7 @@ mod generation;
 mod logprobs;
 mod misc;
 mod sampling;
+mod structured;
 pub mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -118,6 +119,8 @@ pub struct ModelContext {
     pub limits: EngineLimits,
     /// The tokenizer has Qwen3's `<think>`/`</think>`: chat output is split into reasoning.
     pub has_reasoning_markup: bool,
+    /// Structured output's compiler for this tokenizer.
+    pub grammars: Arc<structured::Grammars>,
 }
 
 impl ModelContext {
@@ -130,7 +133,18 @@ impl ModelContext {
         let has = |t: &str| tokenizer.token_to_id(t).is_some();
         let has_reasoning_markup =
             has(crate::parsers::THINK_START) && has(crate::parsers::THINK_END);
+        let grammars = Arc::new(structured::Grammars::new(
+            tokenizer.clone(),
+            engine.limits().vocab_size,
+            engine.eos_token_ids().to_vec(),
+        ));
+        // The token trie is built beside the first requests, not in front of them.
+        let warm = grammars.clone();
+        let _ = std::thread::Builder::new()
+            .name("ember-grammar-init".into())
+            .spawn(move || warm.warm());
         Self {
+            grammars,
             limits: engine.limits(),
             engine,
             tokenizer,

@@ -218,6 +218,7 @@ pub fn build(
         skip_special_tokens: p.skip_special_tokens.unwrap_or(true),
         n,
         prompt_logprobs: None,
+        constraint: None,
     };
     let options = OutputOptions {
         model,

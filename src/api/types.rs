@@ -195,6 +195,8 @@ pub struct ChatRequest {
     pub tool_choice: Option<Json>,
     pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Json>,
+    /// vLLM's structured-output extension.
+    pub structured_outputs: Option<Json>,
     pub chat_template: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Json>>,
 }
@@ -214,6 +216,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "tool_choice",
     "parallel_tool_calls",
     "response_format",
+    "structured_outputs",
     "chat_template",
     "chat_template_kwargs",
 ];
@@ -274,6 +277,9 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub best_of: Option<i64>,
+    pub response_format: Option<Json>,
+    /// vLLM's structured-output extension.
+    pub structured_outputs: Option<Json>,
 }
 
 impl WithCommon for CompletionRequest {
@@ -282,7 +288,14 @@ impl WithCommon for CompletionRequest {
     }
 }
 
-pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of"];
+pub const COMPLETION_FIELDS: &[&str] = &[
+    "prompt",
+    "logprobs",
+    "echo",
+    "best_of",
+    "response_format",
+    "structured_outputs",
+];
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
 #[derive(Debug, Clone, Deserialize)]

@@ -12,6 +12,8 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{Detokenizer, TokenBytes};
+use super::grammar::{GrammarError, SeqConstraint};
+use llguidance::toktrie::SimpleVob;
 use super::request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
 use super::sampler::{completion_seed, token_logprob, SampledToken, Sampler, SamplingParams};
 use super::scheduler::{Scheduler, SchedulerOutput};
@@ -33,6 +35,8 @@ struct SeqState {
     /// Which of the request's `n` completions this is.
     index: usize,
     sampler: Sampler,
+    /// Structured output: the matcher of this completion.
+    constraint: Option<SeqConstraint>,
     detok: Detokenizer,
     events: UnboundedSender<EngineEvent>,
     /// Completions still to fork from this one when its prompt is done (n > 1).
@@ -182,10 +186,21 @@ impl Engine {
         let wants_prompt_logprobs = request.prompt_logprobs.is_some() && index == 0;
         seq.use_prefix_cache = !wants_prompt_logprobs;
         seq.full_logits = wants_prompt_logprobs;
+        let constraint = request.constraint.as_ref().map(|c| {
+            let ends = self
+                .eos_token_ids
+                .iter()
+                .filter(|_| !request.ignore_eos)
+                .chain(&request.stop_token_ids)
+                .copied()
+                .collect();
+            SeqConstraint::new(c, ends)
+        });
         self.seqs.insert(
             id,
             SeqState {
                 sampler: Sampler::new(params, &request.prompt),
+                constraint,
                 detok,
                 index,
                 events,
@@ -238,8 +253,9 @@ impl Engine {
                 wants && s.start_pos < prompt_len_of(&self.scheduler, s.id)
             })
             .collect();
-        match self.forward(&out, &all_rows) {
-            Ok(logits) => self.postprocess(&out, &all_rows, logits),
+        let (result, masks) = self.forward_and_masks(&out, &all_rows);
+        match result {
+            Ok(logits) => self.postprocess(&out, &all_rows, logits, masks),
             Err(e) => {
                 tracing::error!("forward pass failed: {e}");
                 for s in &out.seqs {
@@ -249,16 +265,67 @@ impl Engine {
         }
     }
 
-    fn forward(
+    /// The forward pass, and meanwhile on a worker thread the grammar masks of the
+    /// constrained sequences that sample this step: their cost hides under the model's
+    /// instead of adding to every step of the batch.
+    fn forward_and_masks(
         &mut self,
         out: &SchedulerOutput,
         all_rows: &[bool],
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
+    ) -> (candle_core::Result<Vec<Vec<f32>>>, Masks) {
+        let scheduler = &self.scheduler;
+        let samples = |s: &&super::scheduler::ScheduledSeq| {
+            scheduler
+                .get(s.id)
+                .is_some_and(|q| s.start_pos + s.num_tokens >= q.tokens().len())
+        };
+        let sampling: Vec<SeqId> = out.seqs.iter().filter(samples).map(|s| s.id).collect();
+        let mut constrained: Vec<(SeqId, &mut SeqConstraint)> = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| sampling.contains(id))
+            .filter_map(|(&id, st)| st.constraint.as_mut().map(|c| (id, c)))
+            .filter(|(_, c)| c.is_active())
+            .collect();
+        let (model, cache) = (&self.model, &mut self.cache);
+        if constrained.is_empty() {
+            return (forward(scheduler, model, cache, out, all_rows), Masks::new());
+        }
+        std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("ember-grammar".into())
+                .spawn_scoped(scope, move || {
+                    constrained
+                        .iter_mut()
+                        .filter_map(|(id, c)| c.compute_mask().map(|m| (*id, m)))
+                        .collect::<Masks>()
+                });
+            let result = forward(scheduler, model, cache, out, all_rows);
+            // A worker that could not start or panicked leaves its sequences without a
+            // mask: they fail rather than run unconstrained.
+            let masks = worker
+                .ok()
+                .and_then(|w| w.join().ok())
+                .unwrap_or_default();
+            (result, masks)
+        })
+    }
+}
+
+/// Grammar masks of one step, by sequence.
+type Masks = HashMap<SeqId, Result<SimpleVob, GrammarError>>;
+
+fn forward(
+    scheduler: &Scheduler,
+    model: &QwenModel,
+    cache: &mut PagedKvCache,
+    out: &SchedulerOutput,
+    all_rows: &[bool],
+) -> candle_core::Result<Vec<Vec<f32>>> {
         let mut inputs: Vec<(usize, usize, &[u32])> = Vec::with_capacity(out.seqs.len());
         let mut tables: Vec<&[u32]> = Vec::with_capacity(out.seqs.len());
         for (slot, s) in out.seqs.iter().enumerate() {
-            let seq = self
-                .scheduler
+            let seq = scheduler
                 .get(s.id)
                 .ok_or_else(|| candle_core::Error::Msg(format!("sequence {} vanished", s.id)))?;
             inputs.push((
@@ -273,19 +340,21 @@ impl Engine {
         } else {
             LogitsRows::LastPerSeq
         };
-        let batch = Batch::new(
-            &inputs,
-            rows,
-            self.model.max_positions(),
-            self.model.device(),
-        )
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.cache.prepare(&batch, &tables)?;
-        let logits: Tensor = self.model.forward(&batch, &mut self.cache)?;
+        let batch = Batch::new(&inputs, rows, model.max_positions(), model.device())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        cache.prepare(&batch, &tables)?;
+        let logits: Tensor = model.forward(&batch, cache)?;
         logits.to_vec2::<f32>()
-    }
+}
 
-    fn postprocess(&mut self, out: &SchedulerOutput, all_rows: &[bool], logits: Vec<Vec<f32>>) {
+impl Engine {
+    fn postprocess(
+        &mut self,
+        out: &SchedulerOutput,
+        all_rows: &[bool],
+        logits: Vec<Vec<f32>>,
+        mut masks: Masks,
+    ) {
         let ready = self.scheduler.on_step_done(out);
         let mut row = 0;
         for (s, &all) in out.seqs.iter().zip(all_rows) {
@@ -303,7 +372,7 @@ impl Engine {
             }
             if ready.contains(&s.id) {
                 if let Some(last) = seq_logits.last() {
-                    self.sample(s.id, last);
+                    self.sample(s.id, last, masks.remove(&s.id));
                 }
             }
         }
@@ -340,7 +409,12 @@ impl Engine {
         state.prompt_logprobs.extend(lps);
     }
 
-    fn sample(&mut self, id: SeqId, logits: &[f32]) {
+    fn sample(
+        &mut self,
+        id: SeqId,
+        logits: &[f32],
+        mask: Option<Result<SimpleVob, GrammarError>>,
+    ) {
         let _t = ember_kernels::profile::timer(ember_kernels::profile::OpClass::Sampling);
         let Some(seq) = self.scheduler.get(id) else {
             return;
@@ -392,7 +466,28 @@ impl Engine {
         let Some(state) = self.seqs.get_mut(&id) else {
             return;
         };
-        let banned: Vec<u32> = if !req.ignore_eos && num_output < req.min_tokens {
+        // A constrained sequence needs its mask (computed beside the forward pass; here only
+        // if that was not possible).
+        let mask = match (&mut state.constraint, mask) {
+            (Some(c), None) if c.is_active() => c.compute_mask(),
+            (_, mask) => mask,
+        };
+        let mask = match mask.transpose() {
+            Ok(mask) => mask,
+            Err(e) => {
+                tracing::error!("sequence {id}: the grammar failed: {e}");
+                self.finish(id, FinishReason::Error, None);
+                return;
+            }
+        };
+        let Some(state) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let grammar_complete = state.constraint.as_ref().is_some_and(|c| c.is_complete());
+        let banned: Vec<u32> = if grammar_complete {
+            // Only an end token fits the grammar now: min_tokens cannot hold it back.
+            Vec::new()
+        } else if !req.ignore_eos && num_output < req.min_tokens {
             self.eos_token_ids
                 .iter()
                 .chain(&req.stop_token_ids)
@@ -417,7 +512,9 @@ impl Engine {
             token,
             logprob,
             top_logprobs,
-        } = state.sampler.sample_or_force(logits, &banned, forced);
+        } = state
+            .sampler
+            .sample_or_force(logits, &banned, mask.as_ref(), forced);
         self.scheduler.append_token(id, token);
         self.stats.num_generated_tokens += 1;
         let num_generated = num_output + 1;
@@ -428,6 +525,16 @@ impl Engine {
         });
         let stop_token = (!req.ignore_eos && self.eos_token_ids.contains(&token))
             || req.stop_token_ids.contains(&token);
+        let mut grammar_done = false;
+        if let (Some(c), false) = (&mut state.constraint, stop_token) {
+            if let Err(e) = c.on_token(token) {
+                tracing::error!("sequence {id}: token {token} does not fit the grammar: {e}");
+                self.finish(id, FinishReason::Error, None);
+                return;
+            }
+            // Complete with no end token to close it (ignore_eos): it ends here.
+            grammar_done = c.is_complete() && !c.has_end_tokens();
+        }
         let delta = if stop_token {
             state.detok.finish(&self.tokenizer)
         } else {
@@ -441,6 +548,8 @@ impl Engine {
         });
         if stop_token {
             self.finish(id, FinishReason::Stop, Some(StopReason::Token(token)));
+        } else if grammar_done {
+            self.finish(id, FinishReason::Stop, None);
         } else if let Some(stop) = delta.stopped_by {
             self.finish(id, FinishReason::Stop, Some(StopReason::Text(stop)));
         } else if num_generated >= req.max_tokens {

@@ -90,6 +90,21 @@ impl TokenBytes {
         Some(table)
     }
 
+    /// Tokens in the table.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Token `id`'s bytes and whether it is special (None outside the vocabulary).
+    pub fn token(&self, id: u32) -> Option<(&[u8], bool)> {
+        let special = *self.special.get(id as usize)?;
+        Some((self.of(id, false), special))
+    }
+
     /// A token's bytes (none for an id outside the vocabulary, or a skipped special token).
     fn of(&self, id: u32, skip_special: bool) -> &[u8] {
         let i = id as usize;

@@ -6,6 +6,7 @@
 pub mod block_manager;
 mod core;
 pub mod detokenizer;
+pub mod grammar;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use block_manager::{BlockHash, BlockId, BlockManager, BlockTable, PrefixCacheStats};
 pub use request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
+pub use grammar::{ConstraintStart, GrammarCompiler, GrammarError, GrammarSpec, ValidConstraint};
 pub use sampler::SamplingParams;
 pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput};
 pub use sequence::{SeqId, Sequence};
@@ -145,6 +147,7 @@ pub type RequestStream = UnboundedReceiver<EngineEvent>;
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     limits: EngineLimits,
+    eos_token_ids: Arc<[u32]>,
     running: Arc<AtomicBool>,
     published: Arc<Mutex<EngineStats>>,
 }
@@ -218,6 +221,7 @@ impl EngineHandle {
             }
             None => None,
         };
+        let eos_token_ids: Arc<[u32]> = loaded.eos_token_ids.clone().into();
         let engine = Engine::new(
             model,
             cache,
@@ -243,6 +247,7 @@ impl EngineHandle {
             Self {
                 commands: tx,
                 limits,
+                eos_token_ids,
                 running,
                 published,
             },
@@ -257,6 +262,11 @@ impl EngineHandle {
 
     pub fn limits(&self) -> EngineLimits {
         self.limits
+    }
+
+    /// The tokens that end a sequence (unless a request ignores EOS).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
     }
 
     /// Checks a request against the engine's limits, then queues it.

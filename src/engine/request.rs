@@ -1,5 +1,6 @@
 //! What the engine accepts and what it sends back. The engine never sees OpenAI types.
 
+use super::grammar::ValidConstraint;
 use super::sampler::SamplingParams;
 
 /// A request that passed validation (the API layer builds it from OpenAI JSON).
@@ -19,6 +20,8 @@ pub struct ValidRequest {
     pub n: usize,
     /// Log-probabilities of the prompt tokens, with this many alternatives each.
     pub prompt_logprobs: Option<usize>,
+    /// Structured output: the grammar the output must match.
+    pub constraint: Option<ValidConstraint>,
 }
 
 impl ValidRequest {
@@ -36,6 +39,7 @@ impl ValidRequest {
             skip_special_tokens: true,
             n: 1,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use llguidance::toktrie::SimpleVob;
+
+use super::grammar::apply_mask;
 use super::request::TokenLogprob;
 
 /// Validated sampling parameters of one request.
@@ -97,25 +100,32 @@ impl Sampler {
     /// Picks the next token from one row of logits. `banned` tokens (EOS and stop ids while
     /// below min_tokens) cannot be picked.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {
-        self.sample_or_force(logits, banned, None)
+        self.sample_or_force(logits, banned, None, None)
     }
 
-    /// As `sample`, but `forced` (a test hook's scripted token) is taken instead of drawing
-    /// one; its log-probability is still the model's.
+    /// As `sample`, but only tokens `allowed` (a grammar's mask) may be picked, and `forced`
+    /// (a test hook's scripted token) is taken instead of drawing one; its log-probability is
+    /// still the model's.
     pub fn sample_or_force(
         &mut self,
         logits: &[f32],
         banned: &[u32],
+        allowed: Option<&SimpleVob>,
         forced: Option<u32>,
     ) -> SampledToken {
         let token = match forced {
             Some(token) => token,
             // No processor would change a logit: pick from them as they are, without a
             // vocabulary-sized copy (every greedy or plain-sampling decode step).
-            None if self.processes_nothing(banned) => self.pick(logits),
+            None if allowed.is_none() && self.processes_nothing(banned) => self.pick(logits),
             None => {
                 let mut logits = logits.to_vec();
                 self.process(&mut logits, banned);
+                // The mask last, before temperature and the filters: nothing it refuses can
+                // come back.
+                if let Some(mask) = allowed {
+                    apply_mask(mask, &mut logits);
+                }
                 self.pick(&logits)
             }
         };
@@ -514,7 +524,7 @@ mod tests {
             ..SamplingParams::greedy()
         });
         let logits = [0.0f32, (2.0f32).ln(), 0.0];
-        let out = s.sample_or_force(&logits, &[], Some(0));
+        let out = s.sample_or_force(&logits, &[], None, Some(0));
         assert_eq!(out.token, 0);
         assert!((out.logprob - 0.25f32.ln()).abs() < 1e-6);
         assert_eq!(out.top_logprobs[0].0, 1);

@@ -59,18 +59,6 @@ impl ToolCallParser {
         }
     }
 
-    /// A parser for output that continues a call the prompt already opened with
-    /// `<tool_call>` followed by `body` (tool_choice "required" or a named function).
-    pub fn inside_call(body: &str) -> Self {
-        Self {
-            open: Some(OpenCall {
-                body: body.to_string(),
-                announced: None,
-            }),
-            ..Self::new()
-        }
-    }
-
     /// Calls found so far.
     pub fn num_calls(&self) -> usize {
         self.num_calls
@@ -270,17 +258,6 @@ mod tests {
             &["<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}"],
         );
         assert_eq!(merged(&out.calls), vec![("f".into(), r#"{"x":1}"#.into())]);
-    }
-
-    #[test]
-    fn continues_a_call_the_prompt_opened() {
-        let p = ToolCallParser::inside_call("\n{\"name\": \"get_weather\", \"arguments\": ");
-        let out = run(p, &["{\"city\": \"Oslo\"}}\n</tool_call>"]);
-        assert_eq!(out.content, "");
-        assert_eq!(
-            merged(&out.calls),
-            vec![("get_weather".into(), r#"{"city":"Oslo"}"#.into())]
-        );
     }
 
     #[test]

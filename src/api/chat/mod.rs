@@ -20,13 +20,15 @@ use axum::response::Response;
 use axum::Extension;
 use serde_json::Value as Json;
 
-use crate::parsers::{ReasoningParser, ToolCallParser, TOOL_CALL_START};
+use crate::engine::ConstraintStart;
+use crate::parsers::{ReasoningParser, ToolCallParser};
 use crate::template::RenderOptions;
 
 use super::access::{AccessRecord, RequestId};
 use super::error::ApiError;
 use super::generation::{begin, blocking, sse, ChunkUsage, Submission};
 use super::sampling::{self, OutputOptions};
+use super::structured::{self, GrammarRequest};
 use super::types::{ChatRequest, CHAT_FIELDS};
 use super::AppState;
 use output::ChoiceParser;
@@ -39,24 +41,10 @@ enum ToolMode {
     /// No tools, or tool_choice "none": the output is all content.
     Off,
     Auto,
-    /// tool_choice "required": the prompt opens a call, the model picks the function.
+    /// tool_choice "required": a grammar makes the output calls, to any of the tools.
     Required,
-    /// A named function: the prompt opens a call to it.
+    /// A named function: a grammar makes the output calls to it.
     Named(String),
-}
-
-impl ToolMode {
-    /// Text appended to the prompt to open a call (the model continues inside it).
-    fn prefill(&self) -> Option<String> {
-        match self {
-            Self::Required => Some("\n{\"name\": \"".to_string()),
-            Self::Named(name) => Some(format!(
-                "\n{{\"name\": {}, \"arguments\": ",
-                Json::String(name.clone())
-            )),
-            Self::Off | Self::Auto => None,
-        }
-    }
 }
 
 /// Everything decided about a chat request before it reaches the engine.
@@ -77,11 +65,7 @@ impl ChatPlan {
             reasoning: self
                 .reasoning
                 .then(|| ReasoningParser::new(self.prompt_opens_think)),
-            tools: match (&self.tool_mode, self.tool_mode.prefill()) {
-                (ToolMode::Off, _) => None,
-                (_, Some(body)) => Some(ToolCallParser::inside_call(&body)),
-                (_, None) => Some(ToolCallParser::new()),
-            },
+            tools: (self.tool_mode != ToolMode::Off).then(ToolCallParser::new),
             parallel: self.parallel_tool_calls,
             num_calls: 0,
         }
@@ -98,7 +82,6 @@ pub async fn handle(
     let (req, ctx, mut admitted, model) = begin(&state, body, CHAT_FIELDS, |r: &ChatRequest| {
         r.common.model.as_deref()
     })?;
-    check_response_format(req.response_format.as_ref())?;
     let logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = match (logprobs, req.top_logprobs) {
         (true, k) => Some(k.unwrap_or(0)),
@@ -128,6 +111,10 @@ pub async fn handle(
     )?;
     admitted.claim(request.n)?;
     let tool_mode = tool_mode(&req)?;
+    let parallel_tool_calls = req.parallel_tool_calls.unwrap_or(true);
+    let (grammar, each_call) = constraint_of(&req, &tool_mode, parallel_tool_calls, ctx)?;
+    let grammars = ctx.grammars.clone();
+    let reasoning = ctx.has_reasoning_markup;
     let template = pick_template(&state, ctx, req.chat_template.as_deref())?;
     let enable_thinking = template_kwargs(req.chat_template_kwargs.as_ref())?;
     let messages = messages_json(&req.messages)?;
@@ -137,11 +124,10 @@ pub async fn handle(
         enable_thinking,
         max_bytes: Some(state.0.config.limits.max_prompt_bytes),
     };
-    let prefill = tool_mode.prefill();
     let tokenizer = ctx.tokenizer.clone();
     let log_prompt = state.0.config.log_requests;
-    let (prompt_opens_think, ids, logged) = blocking(&state, move |deadline| {
-        let mut text = template
+    let (prompt_opens_think, ids, logged, constraint) = blocking(&state, move |deadline| {
+        let text = template
             .render(&messages, &render)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         deadline.check()?;
@@ -157,29 +143,36 @@ pub async fn handle(
             )
             .unwrap_or_default();
         deadline.check()?;
-        let opens_think =
-            ReasoningParser::prompt_opens_block(generation_prompt(&text, &conversation));
-        if let Some(body) = prefill {
-            text.push_str(TOOL_CALL_START);
-            text.push_str(&body);
-        }
+        let generation = generation_prompt(&text, &conversation);
+        let opens_think = ReasoningParser::prompt_opens_block(generation);
+        // A template that closed the think block (enable_thinking false) leaves none to open.
+        let may_think = reasoning && !generation.contains(crate::parsers::THINK_END);
         let ids = tokenizer
             .encode(text.as_str(), false)
             .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec();
-        Ok((opens_think, ids, log_prompt.then_some(text)))
+        deadline.check()?;
+        let start = match each_call {
+            Some(token) => ConstraintStart::EachAfter(token),
+            None => structured::chat_start(&tokenizer, may_think, opens_think),
+        };
+        let constraint = grammar
+            .map(|g| g.compile(&grammars, start))
+            .transpose()?;
+        Ok((opens_think, ids, log_prompt.then_some(text), constraint))
     })
     .await?;
     if let Some(text) = logged {
         tracing::info!(target: "ember::requests", request_id = %request_id, prompt = %text, "chat prompt");
     }
     request.prompt = ids;
+    request.constraint = constraint;
     let limit = ctx.limits.max_model_len.min(ctx.limits.max_cache_tokens);
     sampling::fill_max_tokens(&mut request, limit, "messages")?;
     let plan = ChatPlan {
         options,
-        parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
+        parallel_tool_calls,
         reasoning: ctx.has_reasoning_markup,
         prompt_opens_think,
         tool_mode,
@@ -196,21 +189,36 @@ pub async fn handle(
     }
 }
 
-fn check_response_format(format: Option<&Json>) -> Result<(), ApiError> {
-    let Some(format) = format else {
-        return Ok(());
+/// The grammar the request's output must match, from `response_format`,
+/// `structured_outputs` or `tool_choice`; with the token after which it applies each time,
+/// for strict tools under tool_choice "auto".
+fn constraint_of(
+    req: &ChatRequest,
+    tool_mode: &ToolMode,
+    parallel: bool,
+    ctx: &crate::api::ModelContext,
+) -> Result<(Option<GrammarRequest>, Option<u32>), ApiError> {
+    let tools = req.tools.as_deref().unwrap_or_default();
+    let (calls, each_call) = match tool_mode {
+        ToolMode::Off => (None, None),
+        ToolMode::Required => (Some(structured::forced_calls(tools, None, parallel)), None),
+        ToolMode::Named(name) => (
+            Some(structured::forced_calls(tools, Some(name), parallel)),
+            None,
+        ),
+        ToolMode::Auto => match structured::strict_calls(tools) {
+            Some(g) => (Some(g), Some(structured::tool_call_token(&ctx.tokenizer)?)),
+            None => (None, None),
+        },
     };
-    match format.get("type").and_then(Json::as_str) {
-        Some("text") => Ok(()),
-        Some(kind @ ("json_object" | "json_schema")) => Err(ApiError::unsupported(
-            "response_format",
-            &format!("type '{kind}' is not supported yet (structured output is not implemented); use 'text'."),
-        )),
-        _ => Err(ApiError::invalid(
-            "response_format",
-            "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
-        )),
-    }
+    let grammar = structured::one_of([
+        structured::from_response_format(req.response_format.as_ref())?,
+        structured::from_structured_outputs(req.structured_outputs.as_ref())?,
+        calls,
+    ])?;
+    // The strict-call grammar applies only where it is the request's one grammar.
+    let each_call = each_call.filter(|_| grammar.as_ref().is_some_and(|g| g.param == "tools"));
+    Ok((grammar, each_call))
 }
 
 fn tool_mode(req: &ChatRequest) -> Result<ToolMode, ApiError> {
@@ -327,9 +335,12 @@ mod tests {
     }
 
     #[test]
-    fn named_tool_choice_continues_the_opened_call() {
+    fn named_tool_choice_output_is_a_call() {
         let p = plan(ToolMode::Named("get_weather".into()), false, true);
-        let (d, reason) = run(&p, "{\"city\": \"Rome\"}}\n</tool_call>");
+        let (d, reason) = run(
+            &p,
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>",
+        );
         let calls = merge_calls(&d.tool_calls);
         assert_eq!(calls[0]["function"]["name"], "get_weather");
         assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Rome"}"#);
