@@ -114,6 +114,11 @@ pub struct ServeBenchArgs {
     pub ignore_eos: bool,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Structured output: every request asks for JSON matching this schema (a file holding
+    /// one schema, or a list of {"name", "schema"} used in turn, as
+    /// tests/clients/schema_corpus.json), through `response_format`.
+    #[arg(long)]
+    pub json_schema: Option<std::path::PathBuf>,
     /// Latency targets for goodput, in ms: e.g. "ttft:500,tpot:50,e2el:5000".
     #[arg(long)]
     pub goodput: Option<String>,

@@ -510,9 +510,9 @@ fn error_statuses() {
             Some("frobnicate"),
         ),
         (
-            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
             400,
-            Some("response_format"),
+            Some("response_format.json_schema.schema"),
         ),
         (
             json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"}),

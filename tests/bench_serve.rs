@@ -26,6 +26,7 @@ fn target(s: &TestServer, endpoint: Endpoint) -> Target {
         ignore_eos: true,
         temperature: 0.0,
         timeout: Duration::from_secs(60),
+        json_schemas: Vec::new(),
     }
 }
 

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ember::device::DeviceSpec;
+use ember::engine::detokenizer::TokenBytes;
 use ember::engine::{
-    EngineConfig, EngineEvent, EngineHandle, FinishReason, KvCacheBudget, RequestStream,
-    SamplingParams, ValidRequest,
+    ConstraintStart, EngineConfig, EngineEvent, EngineHandle, FinishReason, GrammarCompiler,
+    GrammarSpec, KvCacheBudget, RequestStream, SamplingParams, ValidConstraint, ValidRequest,
 };
 use ember::model::LoadedModel;
 use ember_models::PagedKvCache;
@@ -268,6 +269,63 @@ fn a_cache_for_two_requests_completes_sixteen_through_preemption() {
         "expected preemptions with a 6-block cache: {stats:?}"
     );
     assert_eq!(stats.num_free_blocks, stats.num_blocks);
+}
+
+#[test]
+fn constrained_sequences_survive_preemption_with_their_tokens() {
+    // Seeded sampling under a regex: through preemption (6 blocks for 8 requests of up to 3
+    // blocks each, n = 2) every completion matches and equals its run on a roomy cache.
+    let (loaded, _) = fixture("qwen3");
+    let table = TokenBytes::new(&loaded.tokenizer).expect("byte-level fixture tokenizer");
+    let compiler = GrammarCompiler::new(
+        &table,
+        loaded.model.config().vocab_size,
+        &loaded.eos_token_ids,
+    )
+    .unwrap();
+    let rx = "[a-z]{3,6}( [a-z]{3,6}){4,6}\\.";
+    let constraint = ValidConstraint {
+        grammar: compiler.compile(&GrammarSpec::Regex(rx.into())).unwrap(),
+        start: ConstraintStart::Now { think: None },
+    };
+    let request = |i: usize| {
+        let mut r = ValidRequest::greedy(extra_prompts(4)[i % 4].clone(), 40);
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        };
+        r.n = 2;
+        r.constraint = Some(constraint.clone());
+        r
+    };
+    let cfg = EngineConfig {
+        kv_cache: KvCacheBudget::Bytes(cache_bytes("qwen3", 6)),
+        max_num_batched_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (handle, _) = engine("qwen3", cfg);
+    let streams: Vec<RequestStream> = (0..8).map(|i| handle.submit(request(i)).unwrap()).collect();
+    let results: Vec<Vec<Completion>> = streams.into_iter().map(|s| collect(s, 2)).collect();
+    assert!(
+        handle.stats().unwrap().num_preemptions > 0,
+        "expected preemptions"
+    );
+    let full = regex::Regex::new(&format!("^(?:{rx})$")).unwrap();
+    let (reference, _) = engine("qwen3", small_config());
+    for (i, got) in results.iter().enumerate() {
+        let expected = collect(reference.submit(request(i)).unwrap(), 2);
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(
+                g.reason,
+                Some(FinishReason::Stop),
+                "request {i}: {:?}",
+                g.text
+            );
+            assert!(full.is_match(&g.text), "request {i}: {:?}", g.text);
+            assert_eq!(g.tokens, e.tokens, "request {i}");
+        }
+    }
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! a constrained completion that ends with `stop` matches its regex, choice, schema or tool.
 //! The grammars are bounded (finite lengths, enums), so every completion must end with `stop`
 //! well within `max_tokens`. The JSON-schema corpus runs in the Python client suite
-//! (tests/clients/structured_suite.py, with `jsonschema`); these need no Python.
+//! (tests/clients/structured_suite.py, with `jsonschema`, the last test here); the others need
+//! no Python.
 
 mod http;
 
@@ -73,7 +74,13 @@ fn regex_and_choice_outputs_match_fully() {
         let text = c["text"].as_str().unwrap();
         assert!(full.is_match(text), "{text:?} does not match {rx}");
     }
-    let classes = ["collision", "congestion", "roadworks", "breakdown", "weather hazard"];
+    let classes = [
+        "collision",
+        "congestion",
+        "roadworks",
+        "breakdown",
+        "weather hazard",
+    ];
     let (status, r) = s.post(
         "/v1/chat/completions",
         &chat(json!({"structured_outputs": {"choice": classes}})),
@@ -99,15 +106,27 @@ const ETA_SCHEMA: &str = r#"{
 
 /// Checks one value against ETA_SCHEMA by hand (no validator crate for one schema).
 fn assert_eta(v: &Json) {
-    let o = v.as_object().unwrap_or_else(|| panic!("not an object: {v}"));
+    let o = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"));
     let id = o["vehicle_id"].as_str().unwrap();
-    assert!(regex::Regex::new("^V[0-9]{3}$").unwrap().is_match(id), "{v}");
+    assert!(
+        regex::Regex::new("^V[0-9]{3}$").unwrap().is_match(id),
+        "{v}"
+    );
     let eta = o["eta_minutes"].as_i64().unwrap_or_else(|| panic!("{v}"));
     assert!((0..=600).contains(&eta), "{v}");
     if let Some(s) = o.get("status") {
-        assert!(["en_route", "arrived", "delayed"].contains(&s.as_str().unwrap()), "{v}");
+        assert!(
+            ["en_route", "arrived", "delayed"].contains(&s.as_str().unwrap()),
+            "{v}"
+        );
     }
-    assert!(o.keys().all(|k| ["vehicle_id", "eta_minutes", "status"].contains(&k.as_str())), "{v}");
+    assert!(
+        o.keys()
+            .all(|k| ["vehicle_id", "eta_minutes", "status"].contains(&k.as_str())),
+        "{v}"
+    );
 }
 
 /// Two small tools.
@@ -136,12 +155,18 @@ fn assert_call(call: &Json, only: Option<&str>) {
     match name {
         "eta" => {
             let v = o["v"].as_str().unwrap();
-            assert!(regex::Regex::new("^V[0-9]{3}$").unwrap().is_match(v), "{args}");
+            assert!(
+                regex::Regex::new("^V[0-9]{3}$").unwrap().is_match(v),
+                "{args}"
+            );
             assert!((0..=600).contains(&o["m"].as_i64().unwrap()), "{args}");
             assert_eq!(o.len(), 2, "{args}");
         }
         "cls" => {
-            assert!(["crash", "jam", "works"].contains(&o["c"].as_str().unwrap()), "{args}");
+            assert!(
+                ["crash", "jam", "works"].contains(&o["c"].as_str().unwrap()),
+                "{args}"
+            );
             assert_eq!(o.len(), 1, "{args}");
         }
         other => panic!("unknown function {other}"),
@@ -171,7 +196,10 @@ fn json_schema_response_format_whole_and_streamed() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eta(&serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}")));
-    let (_, whole) = s.post("/v1/chat/completions", &chat(json!({"response_format": format, "n": 1})));
+    let (_, whole) = s.post(
+        "/v1/chat/completions",
+        &chat(json!({"response_format": format, "n": 1})),
+    );
     assert_eq!(whole["choices"][0]["message"]["content"], text.as_str());
 }
 
@@ -180,8 +208,14 @@ fn tool_choice_required_and_named_calls_match_their_schemas() {
     let s = server();
     for (choice, only) in [
         (json!("required"), None),
-        (json!({"type": "function", "function": {"name": "eta"}}), Some("eta")),
-        (json!({"type": "function", "function": {"name": "cls"}}), Some("cls")),
+        (
+            json!({"type": "function", "function": {"name": "eta"}}),
+            Some("eta"),
+        ),
+        (
+            json!({"type": "function", "function": {"name": "cls"}}),
+            Some("cls"),
+        ),
     ] {
         let (status, r) = s.post(
             "/v1/chat/completions",
@@ -214,7 +248,11 @@ fn strict_tools_under_auto_constrain_the_calls_the_model_opens() {
     assert_eq!(status, 200, "{r}");
     let mut calls = 0;
     for c in choices(&r) {
-        let mut made: Vec<&Json> = c["message"]["tool_calls"].as_array().into_iter().flatten().collect();
+        let mut made: Vec<&Json> = c["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
         if c["finish_reason"] == "length" {
             made.pop(); // the call max_tokens cut
         }
@@ -256,8 +294,12 @@ fn constrained_and_free_requests_share_batches_and_stay_batch_invariant() {
         .map(|i| {
             let url = url.clone();
             std::thread::spawn(move || {
-                post(&url, &json!({"model": MODEL, "prompt": format!("free {i}"),
-                    "max_tokens": 40, "ignore_eos": true}), None)
+                post(
+                    &url,
+                    &json!({"model": MODEL, "prompt": format!("free {i}"),
+                    "max_tokens": 40, "ignore_eos": true}),
+                    None,
+                )
             })
         })
         .collect();
@@ -283,20 +325,47 @@ fn bad_and_hostile_grammars_get_a_400_in_bounded_time_and_the_server_keeps_servi
         too_deep = json!({"type": "object", "properties": {"a": too_deep}});
     }
     let cases = [
-        ("structured_outputs.regex", json!({"structured_outputs": {"regex": "[unclosed"}})),
-        ("structured_outputs.regex", json!({"structured_outputs": {"regex": "(a)\\1"}})),
-        ("structured_outputs.grammar", json!({"structured_outputs": {"grammar": "start: nope"}})),
-        ("structured_outputs.choice", json!({"structured_outputs": {"choice": []}})),
-        ("response_format.json_schema.schema", json!({"response_format": {"type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})),
-        ("response_format.json_schema.schema", json!({"response_format": {"type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}})),
+        (
+            "structured_outputs.regex",
+            json!({"structured_outputs": {"regex": "[unclosed"}}),
+        ),
+        (
+            "structured_outputs.regex",
+            json!({"structured_outputs": {"regex": "(a)\\1"}}),
+        ),
+        (
+            "structured_outputs.grammar",
+            json!({"structured_outputs": {"grammar": "start: nope"}}),
+        ),
+        (
+            "structured_outputs.choice",
+            json!({"structured_outputs": {"choice": []}}),
+        ),
+        (
+            "response_format.json_schema.schema",
+            json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+        ),
+        (
+            "response_format.json_schema.schema",
+            json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}),
+        ),
         // Past the size bound: refused before compiling.
-        ("response_format.json_schema.schema", json!({"response_format": {"type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"enum": huge_enum}}}})),
-        ("structured_outputs", json!({"structured_outputs": {"regex": "a", "choice": ["a"]}})),
-        ("structured_outputs.regex", json!({"response_format": {"type": "json_object"},
-            "structured_outputs": {"regex": "a"}})),
+        (
+            "response_format.json_schema.schema",
+            json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"enum": huge_enum}}}}),
+        ),
+        (
+            "structured_outputs",
+            json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}),
+        ),
+        (
+            "structured_outputs.regex",
+            json!({"response_format": {"type": "json_object"},
+            "structured_outputs": {"regex": "a"}}),
+        ),
     ];
     for (param, extra) in cases {
         let started = Instant::now();
@@ -329,8 +398,42 @@ fn bad_and_hostile_grammars_get_a_400_in_bounded_time_and_the_server_keeps_servi
             &chat(json!({"n": 2, "max_tokens": 40, "structured_outputs": so})),
         );
         assert!(status == 200 || status == 400, "{so}: {r}");
-        within(&so.to_string().chars().take(40).collect::<String>(), started);
+        within(
+            &so.to_string().chars().take(40).collect::<String>(),
+            started,
+        );
     }
-    let (status, r) = s.post("/v1/chat/completions", &chat(json!({"n": 1, "max_tokens": 4})));
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        &chat(json!({"n": 1, "max_tokens": 4})),
+    );
     assert_eq!(status, 200, "still serving: {r}");
+}
+
+/// The schema corpus (tests/clients/schema_corpus.json, validated with Python's `jsonschema`),
+/// the OpenAI SDK's `chat.completions.parse` and LangChain's `with_structured_output`:
+/// tests/clients/structured_suite.py against the `ember` binary.
+#[test]
+fn schema_corpus_sdk_parse_and_langchain_structured_output() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".client-venv/bin/python");
+    if !http::client_tool(
+        &python,
+        "Python with openai, langchain-openai and jsonschema",
+    ) {
+        return;
+    }
+    let out = std::process::Command::new(&python)
+        .arg(root.join("tests/clients/structured_suite.py"))
+        .arg("--ember")
+        .arg(env!("CARGO_BIN_EXE_ember"))
+        .output()
+        .expect("running the structured-output suite");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the structured-output suite failed:\n{text}"
+    );
+    eprintln!("{text}");
 }

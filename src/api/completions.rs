@@ -120,9 +120,7 @@ pub async fn handle(
         deadline.check()?;
         // A completion has no chat turn: the grammar applies from the first token.
         let start = ConstraintStart::Now { think: None };
-        let constraint = grammar
-            .map(|g| g.compile(&grammars, start))
-            .transpose()?;
+        let constraint = grammar.map(|g| g.compile(&grammars, start)).transpose()?;
         Ok((prompts, constraint))
     })
     .await?;

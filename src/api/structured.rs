@@ -101,7 +101,11 @@ impl GrammarRequest {
 
 /// Where the grammar starts in a chat answer: after the think block the prompt opened, or
 /// from the first token, which may open a think block instead (Qwen3 thinking).
-pub fn chat_start(tokenizer: &Tokenizer, reasoning: bool, prompt_opens_think: bool) -> ConstraintStart {
+pub fn chat_start(
+    tokenizer: &Tokenizer,
+    reasoning: bool,
+    prompt_opens_think: bool,
+) -> ConstraintStart {
     let think = tokenizer
         .token_to_id(THINK_START)
         .zip(tokenizer.token_to_id(THINK_END))
@@ -149,9 +153,8 @@ pub fn from_response_format(format: Option<&Json>) -> Result<Option<GrammarReque
 /// A schema given as an object (or, as vLLM allows, as a string holding one).
 fn schema_value(schema: &Json, param: &str) -> Result<Json, ApiError> {
     let schema = match schema {
-        Json::String(text) => serde_json::from_str(text).map_err(|e| {
-            ApiError::invalid(param, format!("Invalid '{param}': not JSON: {e}"))
-        })?,
+        Json::String(text) => serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(param, format!("Invalid '{param}': not JSON: {e}")))?,
         other => other.clone(),
     };
     match schema {
@@ -179,9 +182,9 @@ pub fn from_structured_outputs(value: Option<&Json>) -> Result<Option<GrammarReq
     for (key, v) in map.iter().filter(|(_, v)| !v.is_null()) {
         let param = format!("structured_outputs.{key}");
         let text = || {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| ApiError::invalid(param.clone(), format!("'{param}' must be a string")))
+            v.as_str().map(str::to_string).ok_or_else(|| {
+                ApiError::invalid(param.clone(), format!("'{param}' must be a string"))
+            })
         };
         let spec = match key.as_str() {
             "json" => GrammarSpec::JsonSchema(schema_value(v, &param)?),
@@ -192,7 +195,10 @@ pub fn from_structured_outputs(value: Option<&Json>) -> Result<Option<GrammarReq
                     .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
                     .filter(|c: &Vec<String>| !c.is_empty())
                     .ok_or_else(|| {
-                        ApiError::invalid(param.clone(), format!("'{param}' must be a non-empty list of strings"))
+                        ApiError::invalid(
+                            param.clone(),
+                            format!("'{param}' must be a non-empty list of strings"),
+                        )
                     })?,
             ),
             "json_object" => match v.as_bool() {
@@ -223,12 +229,10 @@ pub fn from_structured_outputs(value: Option<&Json>) -> Result<Option<GrammarReq
                 "'structured_outputs' needs one of json, regex, choice, grammar or json_object",
             ))
         }
-        _ => {
-            return Err(ApiError::invalid(
-                "structured_outputs",
-                "'structured_outputs' takes only one of json, regex, choice, grammar or json_object",
-            ))
-        }
+        _ => return Err(ApiError::invalid(
+            "structured_outputs",
+            "'structured_outputs' takes only one of json, regex, choice, grammar or json_object",
+        )),
     };
     if compact {
         found.spec = match found.spec {
@@ -300,7 +304,11 @@ fn lark_literal(text: &str) -> String {
 /// tool_choice "required" (`name` None) or a named function: the output is one call (or
 /// several, with `parallel`) in Qwen's `<tool_call>` wrapper, each naming one of the tools and
 /// with arguments that match its parameters' schema.
-pub fn forced_calls(tools: &[ToolDefinition], name: Option<&str>, parallel: bool) -> GrammarRequest {
+pub fn forced_calls(
+    tools: &[ToolDefinition],
+    name: Option<&str>,
+    parallel: bool,
+) -> GrammarRequest {
     let chosen: Vec<&ToolDefinition> = tools
         .iter()
         .filter(|t| name.is_none_or(|n| t.function.name == n))

@@ -41,6 +41,8 @@ pub struct Target {
     pub ignore_eos: bool,
     pub temperature: f32,
     pub timeout: Duration,
+    /// Structured output: request i asks for JSON matching schema i mod len (`response_format`).
+    pub json_schemas: Vec<Json>,
 }
 
 /// How many requests are in flight.
@@ -57,7 +59,8 @@ pub enum Load {
 }
 
 impl Target {
-    fn body(&self, prompt: &BenchPrompt) -> Json {
+    /// The body of request `index` (which picks its schema).
+    fn body(&self, index: usize, prompt: &BenchPrompt) -> Json {
         let mut body = match self.endpoint {
             Endpoint::Completions => json!({"prompt": prompt.text}),
             Endpoint::Chat => json!({"messages": [{"role": "user", "content": prompt.text}]}),
@@ -71,6 +74,11 @@ impl Target {
             body["ignore_eos"] = json!(true);
             body["min_tokens"] = json!(prompt.max_tokens);
         }
+        if !self.json_schemas.is_empty() {
+            let schema = &self.json_schemas[index % self.json_schemas.len()];
+            body["response_format"] = json!({"type": "json_schema",
+                "json_schema": {"name": "bench", "schema": schema}});
+        }
         body
     }
 
@@ -79,6 +87,7 @@ impl Target {
     pub fn send(
         &self,
         agent: &ureq::Agent,
+        index: usize,
         prompt: &BenchPrompt,
         cancel_after: Option<usize>,
     ) -> RequestRecord {
@@ -97,7 +106,7 @@ impl Target {
             request = request.set("Authorization", &format!("Bearer {key}"));
         }
         let start = Instant::now();
-        let response = match request.send_string(&self.body(prompt).to_string()) {
+        let response = match request.send_string(&self.body(index, prompt).to_string()) {
             Ok(r) => r,
             Err(ureq::Error::Status(code, r)) => {
                 let body = r.into_string().unwrap_or_default();
@@ -258,7 +267,7 @@ pub fn run(
                         let Some(prompt) = prompts.get(i) else {
                             break;
                         };
-                        record(i, target.send(&agent, prompt, cancel_of(i)));
+                        record(i, target.send(&agent, i, prompt, cancel_of(i)));
                     });
                 }
             });
@@ -284,7 +293,7 @@ pub fn run(
                     slots.acquire();
                     let (slots, agent, record, cancel_of) = (&slots, &agent, &record, &cancel_of);
                     s.spawn(move || {
-                        record(i, target.send(agent, prompt, cancel_of(i)));
+                        record(i, target.send(agent, i, prompt, cancel_of(i)));
                         slots.release();
                     });
                 }
@@ -330,17 +339,22 @@ mod tests {
             ignore_eos: true,
             temperature: 0.0,
             timeout: Duration::from_secs(1),
+            json_schemas: vec![json!({"enum": ["a"]}), json!({"type": "boolean"})],
         };
         let prompt = BenchPrompt {
             text: "hi".into(),
             num_tokens: 1,
             max_tokens: 7,
         };
-        let body = target.body(&prompt);
+        let body = target.body(1, &prompt);
         assert_eq!(body["messages"][0]["content"], "hi");
         assert_eq!(body["max_tokens"], 7);
         assert_eq!(body["min_tokens"], 7);
         assert_eq!(body["ignore_eos"], true);
         assert_eq!(body["stream"], true);
+        assert_eq!(
+            body["response_format"]["json_schema"]["schema"]["type"], "boolean",
+            "prompt 1 takes the second schema"
+        );
     }
 }

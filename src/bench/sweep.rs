@@ -35,6 +35,8 @@ struct Report<'a> {
     output_len: usize,
     dataset: Option<String>,
     ignore_eos: bool,
+    /// The `--json-schema` file, when requests asked for structured output.
+    json_schema: Option<String>,
     goodput_targets: Slo,
     runs: Vec<RunReport>,
 }
@@ -92,6 +94,10 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         temperature: args.temperature,
         timeout: Duration::from_secs(args.timeout),
+        json_schemas: match &args.json_schema {
+            Some(path) => json_schemas(path)?,
+            None => Vec::new(),
+        },
     };
     let loads: Vec<(Load, &'static str, f64)> = if args.request_rate.is_empty() {
         args.concurrency
@@ -202,6 +208,7 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
             output_len: args.output_len,
             dataset: args.dataset.as_ref().map(|p| p.display().to_string()),
             ignore_eos: args.ignore_eos,
+            json_schema: args.json_schema.as_ref().map(|p| p.display().to_string()),
             goodput_targets: slo,
             runs,
         };
@@ -210,4 +217,19 @@ pub fn bench_serve(args: &ServeBenchArgs) -> Result<()> {
         eprintln!("results: {}", path.display());
     }
     Ok(())
+}
+
+/// The schemas of `--json-schema`: one schema, or a list of {"name", "schema"}.
+fn json_schemas(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--json-schema: {} is not JSON", path.display()))?;
+    Ok(match value {
+        serde_json::Value::Array(entries) => entries
+            .into_iter()
+            .map(|e| e.get("schema").cloned().unwrap_or(e))
+            .collect(),
+        schema => vec![schema],
+    })
 }

@@ -13,13 +13,13 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{Detokenizer, TokenBytes};
 use super::grammar::{GrammarError, SeqConstraint};
-use llguidance::toktrie::SimpleVob;
 use super::request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
 use super::sampler::{completion_seed, token_logprob, SampledToken, Sampler, SamplingParams};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{SeqId, Sequence};
 use super::stats::EngineStats;
 use super::Fault;
+use llguidance::toktrie::SimpleVob;
 
 pub(crate) enum Command {
     Submit {
@@ -289,7 +289,10 @@ impl Engine {
             .collect();
         let (model, cache) = (&self.model, &mut self.cache);
         if constrained.is_empty() {
-            return (forward(scheduler, model, cache, out, all_rows), Masks::new());
+            return (
+                forward(scheduler, model, cache, out, all_rows),
+                Masks::new(),
+            );
         }
         std::thread::scope(|scope| {
             let worker = std::thread::Builder::new()
@@ -303,10 +306,7 @@ impl Engine {
             let result = forward(scheduler, model, cache, out, all_rows);
             // A worker that could not start or panicked leaves its sequences without a
             // mask: they fail rather than run unconstrained.
-            let masks = worker
-                .ok()
-                .and_then(|w| w.join().ok())
-                .unwrap_or_default();
+            let masks = worker.ok().and_then(|w| w.join().ok()).unwrap_or_default();
             (result, masks)
         })
     }
@@ -322,29 +322,29 @@ fn forward(
     out: &SchedulerOutput,
     all_rows: &[bool],
 ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let mut inputs: Vec<(usize, usize, &[u32])> = Vec::with_capacity(out.seqs.len());
-        let mut tables: Vec<&[u32]> = Vec::with_capacity(out.seqs.len());
-        for (slot, s) in out.seqs.iter().enumerate() {
-            let seq = scheduler
-                .get(s.id)
-                .ok_or_else(|| candle_core::Error::Msg(format!("sequence {} vanished", s.id)))?;
-            inputs.push((
-                slot,
-                s.start_pos,
-                &seq.tokens()[s.start_pos..s.start_pos + s.num_tokens],
-            ));
-            tables.push(seq.block_table.blocks());
-        }
-        let rows = if all_rows.iter().any(|&a| a) {
-            LogitsRows::PerSeq(all_rows.to_vec())
-        } else {
-            LogitsRows::LastPerSeq
-        };
-        let batch = Batch::new(&inputs, rows, model.max_positions(), model.device())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        cache.prepare(&batch, &tables)?;
-        let logits: Tensor = model.forward(&batch, cache)?;
-        logits.to_vec2::<f32>()
+    let mut inputs: Vec<(usize, usize, &[u32])> = Vec::with_capacity(out.seqs.len());
+    let mut tables: Vec<&[u32]> = Vec::with_capacity(out.seqs.len());
+    for (slot, s) in out.seqs.iter().enumerate() {
+        let seq = scheduler
+            .get(s.id)
+            .ok_or_else(|| candle_core::Error::Msg(format!("sequence {} vanished", s.id)))?;
+        inputs.push((
+            slot,
+            s.start_pos,
+            &seq.tokens()[s.start_pos..s.start_pos + s.num_tokens],
+        ));
+        tables.push(seq.block_table.blocks());
+    }
+    let rows = if all_rows.iter().any(|&a| a) {
+        LogitsRows::PerSeq(all_rows.to_vec())
+    } else {
+        LogitsRows::LastPerSeq
+    };
+    let batch = Batch::new(&inputs, rows, model.max_positions(), model.device())
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    cache.prepare(&batch, &tables)?;
+    let logits: Tensor = model.forward(&batch, cache)?;
+    logits.to_vec2::<f32>()
 }
 
 impl Engine {
@@ -409,12 +409,7 @@ impl Engine {
         state.prompt_logprobs.extend(lps);
     }
 
-    fn sample(
-        &mut self,
-        id: SeqId,
-        logits: &[f32],
-        mask: Option<Result<SimpleVob, GrammarError>>,
-    ) {
+    fn sample(&mut self, id: SeqId, logits: &[f32], mask: Option<Result<SimpleVob, GrammarError>>) {
         let _t = ember_kernels::profile::timer(ember_kernels::profile::OpClass::Sampling);
         let Some(seq) = self.scheduler.get(id) else {
             return;

@@ -120,9 +120,8 @@ impl GrammarCompiler {
 /// llguidance's JSON options for a schema that does not set its own (`x-guidance`).
 pub fn with_json_options(mut schema: Json) -> Json {
     if let Json::Object(map) = &mut schema {
-        map.entry("x-guidance").or_insert_with(|| {
-            json!({"whitespace_pattern": JSON_WHITESPACE})
-        });
+        map.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_pattern": JSON_WHITESPACE}));
     }
     schema
 }

@@ -22,8 +22,8 @@ use ember_models::PagedKvCache;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use block_manager::{BlockHash, BlockId, BlockManager, BlockTable, PrefixCacheStats};
-pub use request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
 pub use grammar::{ConstraintStart, GrammarCompiler, GrammarError, GrammarSpec, ValidConstraint};
+pub use request::{EngineEvent, FinishReason, StopReason, TokenLogprob, ValidRequest};
 pub use sampler::SamplingParams;
 pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput};
 pub use sequence::{SeqId, Sequence};

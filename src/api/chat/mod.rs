@@ -157,9 +157,7 @@ pub async fn handle(
             Some(token) => ConstraintStart::EachAfter(token),
             None => structured::chat_start(&tokenizer, may_think, opens_think),
         };
-        let constraint = grammar
-            .map(|g| g.compile(&grammars, start))
-            .transpose()?;
+        let constraint = grammar.map(|g| g.compile(&grammars, start)).transpose()?;
         Ok((opens_think, ids, log_prompt.then_some(text), constraint))
     })
     .await?;
