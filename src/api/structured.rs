@@ -53,7 +53,15 @@ impl Grammars {
 
     /// Builds the compiler now (for a thread at start-up, so the first request need not).
     pub fn warm(&self) {
-        let _ = self.compiler("response_format");
+        let started = std::time::Instant::now();
+        match self.compiler("response_format") {
+            Ok(_) => tracing::info!(
+                vocab_size = self.vocab_size,
+                seconds = started.elapsed().as_secs_f32(),
+                "grammar compiler ready"
+            ),
+            Err(e) => tracing::warn!("structured output is unavailable: {}", e.message),
+        }
     }
 }
 

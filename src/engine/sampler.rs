@@ -118,6 +118,14 @@ impl Sampler {
             // No processor would change a logit: pick from them as they are, without a
             // vocabulary-sized copy (every greedy or plain-sampling decode step).
             None if allowed.is_none() && self.processes_nothing(banned) => self.pick(logits),
+            // Greedy under a grammar: the best allowed token, read through the mask's bits
+            // (most words are empty), without a vocabulary-sized copy.
+            None if self.params.temperature < SAMPLING_EPS && self.processes_nothing(banned) => {
+                match allowed {
+                    Some(mask) => argmax_allowed(logits, mask),
+                    None => argmax(logits),
+                }
+            }
             None => {
                 let mut logits = logits.to_vec();
                 self.process(&mut logits, banned);
@@ -295,6 +303,25 @@ pub fn argmax(logits: &[f32]) -> u32 {
         .iter()
         .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
     logits.iter().position(|&l| l == max).unwrap_or(0) as u32
+}
+
+/// As [`argmax`] over the tokens `mask` allows (lowest index on ties, NaN never); [`argmax`]
+/// of all when it allows none.
+pub fn argmax_allowed(logits: &[f32], mask: &SimpleVob) -> u32 {
+    let mut best: Option<(u32, f32)> = None;
+    for (w, &bits) in mask.as_slice().iter().enumerate() {
+        let mut bits = bits;
+        while bits != 0 {
+            let token = w * 32 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(&l) = logits.get(token) {
+                if best.is_none_or(|(_, b)| l > b) && !l.is_nan() {
+                    best = Some((token as u32, l));
+                }
+            }
+        }
+    }
+    best.map_or_else(|| argmax(logits), |(token, _)| token)
 }
 
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -528,6 +555,41 @@ mod tests {
         assert_eq!(out.token, 0);
         assert!((out.logprob - 0.25f32.ln()).abs() < 1e-6);
         assert_eq!(out.top_logprobs[0].0, 1);
+    }
+
+    #[test]
+    fn a_mask_limits_the_choice_greedy_or_sampled() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 100) as f32).collect();
+        let mut mask = SimpleVob::alloc(100);
+        for t in [5u32, 40, 63, 99] {
+            mask.allow_token(t);
+        }
+        // The best allowed token, as argmax over the masked copy would find it.
+        let mut masked = logits.clone();
+        apply_mask(&mask, &mut masked);
+        let expected = argmax(&masked);
+        assert!([5, 40, 63, 99].contains(&expected));
+        let mut s = sampler(SamplingParams::greedy());
+        assert_eq!(s.sample_or_force(&logits, &[], Some(&mask), None).token, expected);
+        assert_eq!(argmax_allowed(&logits, &mask), expected);
+        // Processed (a bias) and sampled: still only allowed tokens.
+        for params in [
+            SamplingParams {
+                logit_bias: vec![(7, 50.0)],
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                seed: Some(3),
+                ..Default::default()
+            },
+        ] {
+            let mut s = sampler(params);
+            for _ in 0..50 {
+                let t = s.sample_or_force(&logits, &[], Some(&mask), None).token;
+                assert!(mask.is_allowed(t), "token {t} is outside the mask");
+            }
+        }
     }
 
     #[test]
