@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -139,11 +139,11 @@ struct EngineCollector {
     stats: Mutex<EngineStats>,
 }
 
-fn counter(
+fn counter<N: EncodeCounterValue>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    value: u64,
+    value: N,
 ) -> Result<(), std::fmt::Error> {
     let metric = ConstCounter::new(value);
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
@@ -218,6 +218,24 @@ impl Collector for EngineCollector {
             "num_preemptions",
             "Sequences preempted to free KV-cache blocks",
             s.num_preemptions,
+        )?;
+        counter(
+            e,
+            "structured_output_masks",
+            "Grammar masks computed for structured output",
+            s.num_grammar_masks,
+        )?;
+        counter(
+            e,
+            "structured_output_mask_seconds",
+            "Time computing grammar masks (on a worker thread, beside the forward pass)",
+            s.grammar_mask_seconds,
+        )?;
+        counter(
+            e,
+            "structured_output_wait_seconds",
+            "Time the engine waited for grammar masks after the forward pass",
+            s.grammar_wait_seconds,
         )?;
         // The KV cache's shape as labels of a constant 1, in vLLM's form (`cache_config_info`,
         // `num_gpu_blocks` whatever the device): what an inference gateway's endpoint picker

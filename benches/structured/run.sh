@@ -6,11 +6,14 @@
 #   free     no constraint
 #   corpus   tests/clients/schema_corpus.json, schema i for request i (short outputs: the
 #            grammars complete and end the request)
+#   matched  free, with max_tokens the corpus run's mean output length (its fair control: short
+#            requests spend more of each step on the prompts of the next ones)
 #   long     benches/structured/long_array.json (an array of at least 100 strings: no request
 #            completes it within max_tokens, so the output lengths equal the free run's)
 # All runs ask for --ignore-eos, so free requests and long ones run to max_tokens.
 #
 #   benches/structured/run.sh              # results in bench-results/structured-<date>/
+# benches/structured/paired.py measures the same at concurrency 1 in request pairs (finer).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
@@ -18,9 +21,11 @@ WORK=${WORK:-$ROOT/bench-work}
 MODEL=${MODEL:-$WORK/qwen2.5-0.5b-shape}
 OUT=${OUT:-$ROOT/bench-results/structured-$(date -u +%Y%m%d-%H%M%S)}
 EMBER=${EMBER:-$ROOT/target/release/ember}
-ROUNDS=${ROUNDS:-4}
+ROUNDS=${ROUNDS:-2}
 INPUT_LEN=${INPUT_LEN:-128}
-OUTPUT_LEN=${OUTPUT_LEN:-128}
+OUTPUT_LEN=${OUTPUT_LEN:-64}
+# One request per corpus schema in every run.
+NUM_PROMPTS=${NUM_PROMPTS:-33}
 mkdir -p "$OUT"
 [ -f "$MODEL/model.safetensors" ] || { echo "no checkpoint at $MODEL (benches/compare/run.sh makes it)" >&2; exit 1; }
 [ -x "$EMBER" ] || cargo build --release
@@ -31,22 +36,26 @@ PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 6000); do curl -sf http://127.0.0.1:8321/health >/dev/null 2>&1 && break; sleep 0.05; done
 
-run() { # name concurrency num_prompts [schema]
+run() { # name concurrency output_len [schema]
     local schema=()
     [ -n "${4:-}" ] && schema=(--json-schema "$4")
     "$EMBER" bench serve --base-url http://127.0.0.1:8321 --model bench --tokenizer "$MODEL" \
-        --num-prompts "$3" --concurrency "$2" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+        --num-prompts "$NUM_PROMPTS" --concurrency "$2" --input-len "$INPUT_LEN" --output-len "$3" \
         --ignore-eos --warmup 1 --seed 1 "${schema[@]}" \
         --result-json "$OUT/$1-c$2-r$ROUND.json" > "$OUT/$1-c$2-r$ROUND.txt"
 }
 for ROUND in $(seq 1 "$ROUNDS"); do
     for C in 1 16; do
-        N=$([ "$C" = 1 ] && echo 4 || echo 32)
-        run free "$C" "$N"
-        run corpus "$C" "$N" tests/clients/schema_corpus.json
-        run long "$C" "$N" benches/structured/long_array.json
+        run free "$C" "$OUTPUT_LEN"
+        run corpus "$C" "$OUTPUT_LEN" tests/clients/schema_corpus.json
+        MEAN=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["runs"][0]; print(max(1, round(r["total_output_tokens"] / r["completed"])))' "$OUT/corpus-c$C-r$ROUND.json")
+        run matched "$C" "$MEAN"
+        run long "$C" "$OUTPUT_LEN" benches/structured/long_array.json
     done
 done
+# The engine's own account of the constrained runs: masks, their time on the worker thread, and
+# what the engine thread waited for them after its forward passes.
+curl -s http://127.0.0.1:8321/metrics | grep '^ember_structured_output' > "$OUT/grammar-metrics.txt"
 kill -TERM $PID; wait $PID || true
 grep -h "grammar compiler" "$OUT/ember-serve.log" | tail -1 || true
 python3 benches/structured/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Medians over the rounds of benches/structured/run.sh: output tokens/s and TPOT per mode and
-concurrency, and each constrained mode against free decoding."""
+concurrency; `corpus` against `matched` (free decoding of the same lengths), `long` against
+`free`."""
 
 import json
 import statistics
@@ -20,12 +21,13 @@ def med(runs, key):
     return statistics.median(key(r) for r in runs)
 
 
-print("| mode | concurrency | output tok/s | TPOT p50 ms | mean output tokens | tok/s vs free | TPOT − free, ms |")
-print("|---|---|---|---|---|---|---|")
+CONTROL = {"free": "free", "matched": "matched", "corpus": "matched", "long": "free"}
+print("| mode | concurrency | output tok/s | TPOT p50 ms | mean output tokens | control | tok/s vs control | TPOT − control, ms |")
+print("|---|---|---|---|---|---|---|---|")
 for c in (1, 16):
-    free = cells.get(("free", c))
-    for mode in ("free", "corpus", "long"):
+    for mode in ("free", "long", "matched", "corpus"):
         runs = cells.get((mode, c))
+        free = cells.get((CONTROL[mode], c))
         if not runs:
             continue
         tps = med(runs, lambda r: r["output_throughput"])
@@ -33,4 +35,14 @@ for c in (1, 16):
         length = med(runs, lambda r: r["total_output_tokens"] / max(r["completed"], 1))
         vs = tps / med(free, lambda r: r["output_throughput"]) if free else float("nan")
         dt = tpot - med(free, lambda r: r["tpot"]["p50_ms"]) if free else float("nan")
-        print(f"| {mode} | {c} | {tps:.1f} | {tpot:.1f} | {length:.0f} | {vs:.3f} | {dt:+.2f} |")
+        print(f"| {mode} | {c} | {tps:.1f} | {tpot:.1f} | {length:.0f} | {CONTROL[mode]} | {vs:.3f} | {dt:+.2f} |")
+
+metrics = out / "grammar-metrics.txt"
+if metrics.exists():
+    m = dict(line.split() for line in metrics.read_text().splitlines() if line.strip())
+    masks = float(m.get("ember_structured_output_masks_total", 0))
+    busy = float(m.get("ember_structured_output_mask_seconds_total", 0))
+    wait = float(m.get("ember_structured_output_wait_seconds_total", 0))
+    if masks:
+        print(f"\n{masks:.0f} grammar masks: {busy / masks * 1e6:.0f} µs each on the worker thread, "
+              f"{wait / masks * 1e6:.1f} µs each waited for by the engine thread")

@@ -287,7 +287,7 @@ impl Engine {
             .filter_map(|(&id, st)| st.constraint.as_mut().map(|c| (id, c)))
             .filter(|(_, c)| c.is_active())
             .collect();
-        let (model, cache) = (&self.model, &mut self.cache);
+        let (model, cache, stats) = (&self.model, &mut self.cache, &mut self.stats);
         if constrained.is_empty() {
             return (
                 forward(scheduler, model, cache, out, all_rows),
@@ -298,15 +298,21 @@ impl Engine {
             let worker = std::thread::Builder::new()
                 .name("ember-grammar".into())
                 .spawn_scoped(scope, move || {
-                    constrained
+                    let started = Instant::now();
+                    let masks = constrained
                         .iter_mut()
                         .filter_map(|(id, c)| c.compute_mask().map(|m| (*id, m)))
-                        .collect::<Masks>()
+                        .collect::<Masks>();
+                    (masks, started.elapsed())
                 });
             let result = forward(scheduler, model, cache, out, all_rows);
+            let waited = Instant::now();
             // A worker that could not start or panicked leaves its sequences without a
             // mask: they fail rather than run unconstrained.
-            let masks = worker.ok().and_then(|w| w.join().ok()).unwrap_or_default();
+            let (masks, busy) = worker.ok().and_then(|w| w.join().ok()).unwrap_or_default();
+            stats.num_grammar_masks += masks.len() as u64;
+            stats.grammar_mask_seconds += busy.as_secs_f64();
+            stats.grammar_wait_seconds += waited.elapsed().as_secs_f64();
             (result, masks)
         })
     }
@@ -464,7 +470,13 @@ impl Engine {
         // A constrained sequence needs its mask (computed beside the forward pass; here only
         // if that was not possible).
         let mask = match (&mut state.constraint, mask) {
-            (Some(c), None) if c.is_active() => c.compute_mask(),
+            (Some(c), None) if c.is_active() => {
+                let started = Instant::now();
+                let mask = c.compute_mask();
+                self.stats.num_grammar_masks += 1;
+                self.stats.grammar_wait_seconds += started.elapsed().as_secs_f64();
+                mask
+            }
             (_, mask) => mask,
         };
         let mask = match mask.transpose() {

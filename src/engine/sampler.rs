@@ -570,7 +570,10 @@ mod tests {
         let expected = argmax(&masked);
         assert!([5, 40, 63, 99].contains(&expected));
         let mut s = sampler(SamplingParams::greedy());
-        assert_eq!(s.sample_or_force(&logits, &[], Some(&mask), None).token, expected);
+        assert_eq!(
+            s.sample_or_force(&logits, &[], Some(&mask), None).token,
+            expected
+        );
         assert_eq!(argmax_allowed(&logits, &mask), expected);
         // Processed (a bias) and sampled: still only allowed tokens.
         for params in [

@@ -22,6 +22,12 @@ pub struct EngineStats {
     pub num_finished_stop: u64,
     pub num_finished_length: u64,
     pub num_finished_error: u64,
+    /// Grammar masks computed (structured output), and their time on the worker thread.
+    pub num_grammar_masks: u64,
+    pub grammar_mask_seconds: f64,
+    /// Time the engine thread waited for masks after its forward pass was done (or computed
+    /// them itself): what structured output adds to a step.
+    pub grammar_wait_seconds: f64,
 }
 
 impl EngineStats {

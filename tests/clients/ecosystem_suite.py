@@ -13,8 +13,6 @@ history and retry catch. Exits non-zero if any check failed.
 
 import argparse
 import os
-import sys
-import traceback
 
 # LiteLLM would fetch its model price map from GitHub at import (no network here).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -24,7 +22,7 @@ from langchain_core.exceptions import ContextOverflowError  # noqa: E402
 from langchain_core.messages import HumanMessage  # noqa: E402
 from langchain_openai import ChatOpenAI  # noqa: E402
 
-from openai_suite import KEY, MODEL, Server  # noqa: E402
+from openai_suite import KEY, MODEL, Server, run_checks  # noqa: E402
 
 # The fixture's context is 512 tokens; this prompt is well over it.
 LONG = "the quick brown fox jumps over the lazy dog " * 200
@@ -137,20 +135,13 @@ def main():
     ap.add_argument("--ember", required=True)
     args = ap.parse_args()
     server = Server(args.ember)
-    failed = []
-    try:
-        for name, fn in [("langchain-openai", check_langchain), ("litellm", check_litellm)]:
-            try:
-                fn(server.base)
-                print(f"ok   {name}")
-            except Exception:  # noqa: BLE001 - report every failure
-                failed.append(name)
-                print(f"FAIL {name}\n{traceback.format_exc()}")
-    finally:
-        server.stop()
-    if failed:
-        print(f"{len(failed)} failed: {', '.join(failed)}")
-        sys.exit(1)
+    run_checks(
+        server,
+        [
+            ("langchain-openai", lambda: check_langchain(server.base)),
+            ("litellm", lambda: check_litellm(server.base)),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -245,6 +245,25 @@ def check_tool_calls(c):
     assert follow.choices[0].message.role == "assistant"
 
 
+def run_checks(server, checks):
+    """Runs each (name, thunk), reporting every failure, then stops `server`; exits 1 if any
+    failed (the suites that import this: ecosystem_suite.py, structured_suite.py)."""
+    failed = []
+    try:
+        for name, fn in checks:
+            try:
+                fn()
+                print(f"ok   {name}")
+            except Exception:  # noqa: BLE001 - report every failure
+                failed.append(name)
+                print(f"FAIL {name}\n{traceback.format_exc()}")
+    finally:
+        server.stop()
+    if failed:
+        print(f"{len(failed)} failed: {', '.join(failed)}")
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ember", required=True)

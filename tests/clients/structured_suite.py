@@ -16,7 +16,6 @@ random-weight Qwen3 fixture (run by tests/structured_output.rs):
 import argparse
 import json
 import sys
-import traceback
 from enum import Enum
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_suite import KEY, MODEL, Server  # noqa: E402
+from openai_suite import KEY, MODEL, Server, run_checks  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "schema_corpus.json"
 # No think block (the template closes it): the grammar starts at the first token.
@@ -134,25 +133,15 @@ def main():
     ap.add_argument("--ember", required=True)
     args = ap.parse_args()
     server = Server(args.ember)
-    failed = []
     client = server.client()
-    try:
-        for name, fn in [
+    run_checks(
+        server,
+        [
             ("schema corpus", lambda: check_corpus(client)),
             ("openai chat.completions.parse", lambda: check_sdk_parse(client)),
             ("langchain with_structured_output", lambda: check_langchain(server.base)),
-        ]:
-            try:
-                fn()
-                print(f"ok   {name}")
-            except Exception:  # noqa: BLE001 - report every failure
-                failed.append(name)
-                print(f"FAIL {name}\n{traceback.format_exc()}")
-    finally:
-        server.stop()
-    if failed:
-        print(f"{len(failed)} failed: {', '.join(failed)}")
-        sys.exit(1)
+        ],
+    )
 
 
 if __name__ == "__main__":
