@@ -12,19 +12,11 @@ mod http;
 use std::path::PathBuf;
 use std::process::Command;
 
-use http::{api_config, client_tool, engine_config, TestServer, MODEL};
+use http::{api_config, client_tool, engine_config, run_suite, TestServer, MODEL};
 use serde_json::Value as Json;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    eprintln!("{text}");
 }
 
 #[test]
@@ -33,7 +25,7 @@ fn langchain_and_litellm() {
     if !client_tool(&python, "Python with langchain-openai and litellm") {
         return;
     }
-    run(
+    run_suite(
         Command::new(&python)
             .arg(root().join("tests/clients/ecosystem_suite.py"))
             .arg("--ember")
@@ -49,7 +41,7 @@ fn official_openai_node_sdk() {
     if !client_tool(&dir.join("node_modules/openai"), "openai Node SDK") {
         return;
     }
-    run(
+    run_suite(
         Command::new(std::env::var_os("EMBER_NODE").unwrap_or_else(|| "node".into()))
             .arg(dir.join("suite.mjs"))
             .arg("--ember")
@@ -70,7 +62,7 @@ fn guidellm_default_streaming_run() {
     let report = std::env::temp_dir().join(format!("ember-guidellm-{}.json", std::process::id()));
     let requests = 6;
     let output_tokens = 8;
-    run(
+    run_suite(
         Command::new(&guidellm)
             .arg("run")
             .arg("--backend")

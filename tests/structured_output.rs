@@ -423,17 +423,11 @@ fn schema_corpus_sdk_parse_and_langchain_structured_output() {
     ) {
         return;
     }
-    let out = std::process::Command::new(&python)
-        .arg(root.join("tests/clients/structured_suite.py"))
-        .arg("--ember")
-        .arg(env!("CARGO_BIN_EXE_ember"))
-        .output()
-        .expect("running the structured-output suite");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the structured-output suite failed:\n{text}"
+    http::run_suite(
+        std::process::Command::new(&python)
+            .arg(root.join("tests/clients/structured_suite.py"))
+            .arg("--ember")
+            .arg(env!("CARGO_BIN_EXE_ember")),
+        "the structured-output suite",
     );
-    eprintln!("{text}");
 }

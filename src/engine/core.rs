@@ -274,18 +274,21 @@ impl Engine {
         all_rows: &[bool],
     ) -> (candle_core::Result<Vec<Vec<f32>>>, Masks) {
         let scheduler = &self.scheduler;
-        let samples = |s: &&super::scheduler::ScheduledSeq| {
-            scheduler
-                .get(s.id)
-                .is_some_and(|q| s.start_pos + s.num_tokens >= q.tokens().len())
+        // Sequences whose last scheduled token is their last one sample this step.
+        let samples = |id: SeqId| {
+            out.seqs.iter().any(|s| {
+                s.id == id
+                    && scheduler
+                        .get(id)
+                        .is_some_and(|q| s.start_pos + s.num_tokens >= q.tokens().len())
+            })
         };
-        let sampling: Vec<SeqId> = out.seqs.iter().filter(samples).map(|s| s.id).collect();
+        // Constrained sequences first (a field check), so a batch without any pays nothing more.
         let mut constrained: Vec<(SeqId, &mut SeqConstraint)> = self
             .seqs
             .iter_mut()
-            .filter(|(id, _)| sampling.contains(id))
             .filter_map(|(&id, st)| st.constraint.as_mut().map(|c| (id, c)))
-            .filter(|(_, c)| c.is_active())
+            .filter(|(id, c)| c.is_active() && samples(*id))
             .collect();
         let (model, cache, stats) = (&self.model, &mut self.cache, &mut self.stats);
         if constrained.is_empty() {

@@ -203,7 +203,7 @@ impl SeqConstraint {
     /// The grammar is complete and allows nothing more: only an end token may follow.
     pub fn is_complete(&self) -> bool {
         match &self.phase {
-            Phase::Active(m) => m.is_stopped() && m.get_error().is_none(),
+            Phase::Active(m) => m.is_stopped() && !m.is_error(),
             _ => false,
         }
     }

@@ -259,3 +259,12 @@ pub fn client_tool(path: &Path, what: &str) -> bool {
     eprintln!("skipped: no {what} at {}", path.display());
     false
 }
+
+/// Runs a client suite's command; fails with its output unless it exits 0.
+pub fn run_suite(cmd: &mut std::process::Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    eprintln!("{text}");
+}

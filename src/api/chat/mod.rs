@@ -214,8 +214,7 @@ fn constraint_of(
         structured::from_structured_outputs(req.structured_outputs.as_ref())?,
         calls,
     ])?;
-    // The strict-call grammar applies only where it is the request's one grammar.
-    let each_call = each_call.filter(|_| grammar.as_ref().is_some_and(|g| g.param == "tools"));
+    // With strict calls `one_of` refused any other grammar: `each_call` goes with theirs.
     Ok((grammar, each_call))
 }
 
