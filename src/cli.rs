@@ -283,9 +283,13 @@ pub struct OfflineArgs {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A local directory in Hugging Face layout, or a Hub model id (org/name).
+    /// A GGUF file, a local directory in Hugging Face layout, or a Hub model id (org/name).
     #[arg(long)]
     pub model: String,
+    /// A directory with tokenizer.json (and tokenizer_config.json for the chat template) to use
+    /// instead of the checkpoint's (a GGUF file's tokenizer is rebuilt from its metadata).
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     pub revision: Option<String>,

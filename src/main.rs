@@ -10,7 +10,7 @@ use ember::cli::{
 use ember::device::{parse_dtype, DeviceSpec};
 use ember::engine::sampler::SamplingParams;
 use ember::engine::{EngineConfig, EngineHandle, KvCacheBudget};
-use ember::model::LoadedModel;
+use ember::model::{LoadOptions, LoadedModel};
 use ember::template::{ChatTemplate, RenderOptions};
 
 /// Levels of `ember serve` unless RUST_LOG says otherwise: Ember's own lines (start-up, access
@@ -195,7 +195,16 @@ fn print_profile(r: &ember::bench::LatencyResult, isa: ember_kernels::Isa) {
 fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
     let device: DeviceSpec = args.device.parse()?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    let loaded = LoadedModel::load(&args.model, args.revision.as_deref(), device, dtype)?;
+    let options = LoadOptions {
+        tokenizer: args.tokenizer.clone(),
+    };
+    let loaded = LoadedModel::load_with(
+        &args.model,
+        args.revision.as_deref(),
+        device,
+        dtype,
+        &options,
+    )?;
     tracing::info!(
         model = %args.model,
         revision = args.revision.as_deref(),

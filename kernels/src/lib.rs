@@ -11,6 +11,7 @@ mod packed;
 mod paged_attention;
 mod pool;
 pub mod profile;
+mod quant;
 mod rms_norm;
 mod silu_and_mul;
 
@@ -20,13 +21,16 @@ pub use isa::{
     rerun_tests_on_other_isas, supported_isas, Isa,
 };
 pub use kv_write::{write_kv, zeros_lazy, KvLayout};
-pub use linear::{linear, linear_packed, linear_packed_with_isa, linear_ref, linear_with_isa};
+pub use linear::{
+    linear, linear_packed, linear_packed_with_isa, linear_quant, linear_ref, linear_with_isa,
+};
 pub use mem::Zeroed;
 pub use packed::{HostRows, PackedWeight};
 pub use paged_attention::{
     causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
 };
 pub use pool::on_pool;
+pub use quant::{dequantize, GgmlType, QuantError, QuantWeight};
 pub use rms_norm::{rms_norm, rms_norm_ref};
 pub use silu_and_mul::{silu_and_mul, silu_and_mul_ref};
 

@@ -11,6 +11,7 @@ use half::{bf16, f16};
 
 use crate::elem::{contiguous, Store};
 use crate::packed::{Activations, PackedWeight};
+use crate::quant::QuantWeight;
 use crate::{cpu_isa, Isa};
 
 struct LinearPacked<'a> {
@@ -78,6 +79,73 @@ pub fn linear_packed_with_isa(
     }
     x.contiguous()?
         .apply_op1_no_bwd(&LinearPacked { w, bias, isa })
+}
+
+struct LinearQuant<'a> {
+    parts: &'a [QuantWeight],
+    bias: Option<&'a [f32]>,
+}
+
+impl CustomOp1 for LinearQuant<'_> {
+    fn name(&self) -> &'static str {
+        "ember-linear-quant"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let n: usize = self.parts.iter().map(QuantWeight::rows).sum();
+        if let Some(p) = self.parts.iter().find(|p| p.cols() != k) {
+            candle_core::bail!(
+                "linear_quant: x is (_, {k}) but a part is (_, {})",
+                p.cols()
+            );
+        }
+        if self.bias.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear_quant: the bias does not have {n} elements");
+        }
+        let x: std::borrow::Cow<[f32]> = match xs {
+            CpuStorage::F32(x) => std::borrow::Cow::Borrowed(contiguous(x, xl, "linear")?),
+            CpuStorage::BF16(x) => contiguous(x, xl, "linear")?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            CpuStorage::F16(x) => contiguous(x, xl, "linear")?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            other => candle_core::bail!("linear_quant: unsupported dtype {:?}", other.dtype()),
+        };
+        // Each part fills its own columns of y.
+        let mut y = vec![0f32; m * n];
+        let mut col = 0;
+        let mut part_out = Vec::new();
+        for p in self.parts {
+            let pn = p.rows();
+            part_out.resize(m * pn, 0.0);
+            p.matmul(&x, m, self.bias.map(|b| &b[col..col + pn]), &mut part_out);
+            for (dst, src) in y.chunks_exact_mut(n).zip(part_out.chunks_exact(pn)) {
+                dst[col..col + pn].copy_from_slice(src);
+            }
+            col += pn;
+        }
+        let out = match xs {
+            CpuStorage::BF16(_) => CpuStorage::BF16(y.iter().map(|&v| bf16::from_f32(v)).collect()),
+            CpuStorage::F16(_) => CpuStorage::F16(y.iter().map(|&v| f16::from_f32(v)).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// `x · Wᵀ + b` for x (m, k) on CPU and W the rows of `parts` (quantized, one after another)
+/// -> (m, Σ n) in x's dtype.
+pub fn linear_quant(x: &Tensor, parts: &[QuantWeight], bias: Option<&[f32]>) -> Result<Tensor> {
+    let _t = crate::profile::timer(crate::profile::OpClass::Matmul);
+    if !x.device().is_cpu() {
+        candle_core::bail!("linear_quant: quantized weights live on the CPU");
+    }
+    x.contiguous()?
+        .apply_op1_no_bwd(&LinearQuant { parts, bias })
 }
 
 /// `x · wᵀ` for x (m, k), w (n, k) -> (m, n). Packs `w` on every call: for tests and one-off

@@ -22,6 +22,8 @@ pub enum ModelError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("GGUF: {0}")]
+    Gguf(String),
     #[error("Hugging Face Hub: {0}")]
     Hub(String),
     #[error("invalid batch: {0}")]

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
@@ -13,7 +14,10 @@ pub mod weights;
 pub use batch::{Batch, LogitsRows, SeqSlice};
 pub use config::{Arch, ModelConfig, MoeConfig, RopeScaling};
 pub use error::{ModelError, Result};
+pub use gguf::GgufFile;
 pub use kv_cache::{ContiguousKvCache, KvCache, PagedKvCache};
-pub use loader::{eos_token_ids, load_model, resolve, resolve_with, HubOptions, ModelFiles};
+pub use loader::{
+    eos_token_ids, load_gguf_model, load_model, resolve, resolve_with, HubOptions, ModelFiles,
+};
 pub use qwen::QwenModel;
 pub use weights::Weights;

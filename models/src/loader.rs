@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::config::{parse_token_ids, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, GgufTensors};
 use crate::qwen::QwenModel;
 use crate::weights::Weights;
 
@@ -337,6 +338,15 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Q
     );
     // Weights repacked for the CPU matmul are packed from the mapping itself (crate::weights).
     Ok(QwenModel::load(&cfg, Weights::mapped(vb, tensors))?)
+}
+
+/// Builds the model a GGUF file holds (its metadata gives the config) as a model of `dtype` on
+/// `device`.
+pub fn load_gguf_model(gguf: &Arc<GgufFile>, dtype: DType, device: &Device) -> Result<QwenModel> {
+    let cfg = gguf.model_config()?;
+    let tensors = GgufTensors(gguf.clone());
+    let vb = VarBuilder::from_backend(Box::new(tensors.clone()), dtype, device.clone());
+    Ok(QwenModel::load(&cfg, Weights::gguf(vb, tensors))?)
 }
 
 /// Mapped safetensors whose CPU tensors are copied (one memcpy) into buffers advised for huge

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
-use ember_kernels::{HostRows, PackedWeight};
+use ember_kernels::{HostRows, PackedWeight, QuantWeight};
+
+use crate::gguf::GgufTensors;
 use half::{bf16, f16};
 
 /// A [`VarBuilder`] (reached through `Deref`), plus the mapped checkpoint when there is one.
@@ -19,12 +21,18 @@ use half::{bf16, f16};
 pub struct Weights<'a> {
     vb: VarBuilder<'a>,
     mapped: Option<Arc<MmapedSafetensors>>,
+    /// A GGUF file: its quantized matrices are used as they are on the CPU.
+    gguf: Option<GgufTensors>,
 }
 
 impl<'a> From<VarBuilder<'a>> for Weights<'a> {
     /// Tensors through the VarBuilder only.
     fn from(vb: VarBuilder<'a>) -> Self {
-        Self { vb, mapped: None }
+        Self {
+            vb,
+            mapped: None,
+            gguf: None,
+        }
     }
 }
 
@@ -42,6 +50,17 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             mapped: Some(mapped),
+            gguf: None,
+        }
+    }
+
+    /// `vb` reads the GGUF file `tensors` (dequantizing); quantized matrices are read from it
+    /// directly by [`Self::quantized_from_file`].
+    pub fn gguf(vb: VarBuilder<'a>, tensors: GgufTensors) -> Self {
+        Self {
+            vb,
+            mapped: None,
+            gguf: Some(tensors),
         }
     }
 
@@ -50,7 +69,40 @@ impl<'a> Weights<'a> {
         Self {
             vb: self.vb.pp(s),
             mapped: self.mapped.clone(),
+            gguf: self.gguf.clone(),
         }
+    }
+
+    /// `<part>.weight` of each part (`rows[i]` × `cols`) as quantized matrices, one per part,
+    /// straight from a GGUF file on the CPU — or `None` when that cannot be done (no GGUF file,
+    /// not the CPU, a part missing, of another shape, or not quantized), and the caller loads
+    /// dense tensors through the VarBuilder.
+    pub fn quantized_from_file(
+        parts: &[Weights],
+        rows: &[usize],
+        cols: usize,
+    ) -> Result<Option<Vec<QuantWeight>>> {
+        let mut out = Vec::with_capacity(parts.len());
+        for (part, &n) in parts.iter().zip(rows) {
+            let Some(gguf) = &part.gguf else {
+                return Ok(None);
+            };
+            if !part.vb.device().is_cpu() {
+                return Ok(None);
+            }
+            let Ok(t) = gguf.view(&part.path("weight")) else {
+                return Ok(None);
+            };
+            if !t.view.ty.is_quantized() || t.shape != [n, cols] {
+                return Ok(None);
+            }
+            out.push(
+                QuantWeight::from_parts(t.view.ty, &[t.view.data], cols).map_err(|e| {
+                    candle_core::Error::Msg(format!("{}: {e}", part.path("weight")))
+                })?,
+            );
+        }
+        Ok(Some(out).filter(|o| o.len() == rows.len() && !o.is_empty()))
     }
 
     /// The checkpoint name of `<prefix>.<name>`.

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
-use ember_kernels::PackedWeight;
+use candle_core::{Device, Result, Tensor};
+use ember_kernels::{PackedWeight, QuantWeight};
 
 use crate::weights::Weights;
 
@@ -13,11 +13,17 @@ use crate::weights::Weights;
 pub enum Embedding {
     Table(Tensor),
     Packed(Arc<PackedWeight>),
+    /// A quantized table (GGUF) kept as it is: lookups dequantize their rows.
+    Quantized(Arc<[QuantWeight]>),
 }
 
 impl Embedding {
     /// `tied`: the table is also the lm_head.
     pub fn load(vb: &Weights, vocab_size: usize, hidden_size: usize, tied: bool) -> Result<Self> {
+        let file = std::slice::from_ref(vb);
+        if let Some(q) = Weights::quantized_from_file(file, &[vocab_size], hidden_size)? {
+            return Ok(Self::Quantized(q.into()));
+        }
         if tied {
             // Packed straight from a mapped checkpoint where there is one.
             let file = std::slice::from_ref(vb);
@@ -38,6 +44,13 @@ impl Embedding {
         match self {
             Self::Table(weight) => weight.index_select(ids, 0),
             Self::Packed(weight) => weight.gather_rows(&ids.to_vec1::<u32>()?),
+            Self::Quantized(parts) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let rows = parts[0]
+                    .dequantize_rows(&ids)
+                    .map_err(|e| candle_core::Error::Msg(format!("embedding: {e}")))?;
+                Tensor::from_vec(rows, (ids.len(), parts[0].cols()), &Device::Cpu)
+            }
         }
     }
 
@@ -46,6 +59,7 @@ impl Embedding {
         match self {
             Self::Table(weight) => ember_kernels::linear(x, weight),
             Self::Packed(weight) => ember_kernels::linear_packed(x, weight, None),
+            Self::Quantized(parts) => ember_kernels::linear_quant(x, parts, None),
         }
     }
 }

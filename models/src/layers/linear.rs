@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor};
-use ember_kernels::PackedWeight;
+use ember_kernels::{PackedWeight, QuantWeight};
 
 use crate::weights::Weights;
 
@@ -14,6 +14,12 @@ pub enum Linear {
     /// CPU: `y = x W^T + b` over a packed `W` (out, in), the bias kept in f32.
     Packed {
         weight: Arc<PackedWeight>,
+        bias: Option<Arc<[f32]>>,
+    },
+    /// CPU, a quantized checkpoint: W is the rows of each part (q, k, v: each its own type),
+    /// one after another.
+    Quantized {
+        parts: Arc<[QuantWeight]>,
         bias: Option<Arc<[f32]>>,
     },
     /// Other devices: `y = x W^T + b` with `W` of shape (out, in).
@@ -58,6 +64,12 @@ impl Linear {
         } else {
             None
         };
+        if let Some(parts) = Weights::quantized_from_file(vbs, out_dims, in_dim)? {
+            return Ok(Self::Quantized {
+                parts: parts.into(),
+                bias: Self::f32_bias(bias)?,
+            });
+        }
         // On CPU the parts are packed one after another, straight from a mapped checkpoint
         // where there is one, else from the loaded tensors in place (no concatenated copy).
         if let Some(weight) = Weights::packed_from_file(vbs, out_dims, in_dim)? {
@@ -97,6 +109,9 @@ impl Module for Linear {
         match self {
             Self::Packed { weight, bias } => {
                 ember_kernels::linear_packed(x, weight, bias.as_deref())
+            }
+            Self::Quantized { parts, bias } => {
+                ember_kernels::linear_quant(x, parts, bias.as_deref())
             }
             Self::Dense { weight, bias } => {
                 let y = ember_kernels::linear_ref(x, weight)?;

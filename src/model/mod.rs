@@ -1,0 +1,229 @@
+//! A loaded model: weights, tokenizer, chat template, stop ids and sampling defaults. Below the
+//! engine and the HTTP layer, which both take it; `ember generate` adds a single-sequence loop
+//! on top (`crate::generate`).
+
+mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::DType;
+use ember_models::gguf::MetaValue;
+use ember_models::{eos_token_ids, load_gguf_model, load_model, resolve, GgufFile, QwenModel};
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use crate::device::DeviceSpec;
+use crate::template::{ChatTemplate, TemplateError};
+
+/// Sampling defaults a checkpoint ships in generation_config.json.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+}
+
+pub struct LoadedModel {
+    pub model: QwenModel,
+    /// Shared with the HTTP layer, which tokenizes and renders off the engine thread.
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub eos_token_ids: Vec<u32>,
+    pub defaults: GenerationDefaults,
+}
+
+/// Sampling defaults from generation_config.json: a file that is not JSON is an error naming
+/// it; fields of unexpected types are ignored with a warning (the defaults stay Ember's).
+fn read_defaults(path: Option<&Path>) -> Result<GenerationDefaults> {
+    let Some(path) = path else {
+        return Ok(GenerationDefaults::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(serde_json::from_value(json).unwrap_or_else(|e| {
+        tracing::warn!("{}: sampling defaults ignored: {e}", path.display());
+        GenerationDefaults::default()
+    }))
+}
+
+/// What the checkpoint alone does not settle.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A directory with tokenizer.json (and tokenizer_config.json for the chat template) to
+    /// use instead of the checkpoint's.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The tokenizer (and chat template, if any) of a tokenizer directory.
+fn tokenizer_dir(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    let file = dir.join("tokenizer.json");
+    let tokenizer =
+        Tokenizer::from_file(&file).map_err(|e| anyhow!("loading {}: {e}", file.display()))?;
+    let config = dir.join("tokenizer_config.json");
+    let template = if config.is_file() {
+        match ChatTemplate::from_tokenizer_config(&config) {
+            Ok(t) => Some(t),
+            Err(TemplateError::Missing(_)) => None,
+            Err(e) => bail!("{}: {e}", config.display()),
+        }
+    } else {
+        None
+    };
+    Ok((tokenizer, template))
+}
+
+impl LoadedModel {
+    /// `model`: a GGUF file, a directory in Hugging Face layout, or a Hub model id.
+    pub fn load(
+        model: &str,
+        revision: Option<&str>,
+        device: DeviceSpec,
+        dtype: Option<DType>,
+    ) -> Result<Self> {
+        Self::load_with(model, revision, device, dtype, &LoadOptions::default())
+    }
+
+    pub fn load_with(
+        model: &str,
+        revision: Option<&str>,
+        device: DeviceSpec,
+        dtype: Option<DType>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        if Path::new(model).is_file() {
+            return Self::load_gguf(Path::new(model), device, dtype, options);
+        }
+        let mut files = resolve(model, revision)?;
+        if let Some(dir) = &options.tokenizer {
+            files.tokenizer = dir.join("tokenizer.json");
+            files.tokenizer_config =
+                Some(dir.join("tokenizer_config.json")).filter(|p| p.is_file());
+        }
+        let dtype = dtype.unwrap_or_else(|| device.default_dtype());
+        let dev = device.open()?;
+        // The tokenizer (a ~10 MB JSON to parse, ~0.45 s) loads beside the weights.
+        let (model, tokenizer) = std::thread::scope(|s| -> Result<_> {
+            let tokenizer = s.spawn(|| {
+                let start = Instant::now();
+                let t = Tokenizer::from_file(&files.tokenizer)
+                    .map_err(|e| anyhow!("loading {}: {e}", files.tokenizer.display()));
+                tracing::info!(seconds = start.elapsed().as_secs_f32(), "tokenizer loaded");
+                t
+            });
+            let start = Instant::now();
+            let model = load_model(&files, dtype, &dev)
+                .with_context(|| format!("loading weights from {}", files.root.display()))?;
+            tracing::info!(
+                seconds = start.elapsed().as_secs_f32(),
+                ?dtype,
+                "weights loaded"
+            );
+            let tokenizer = tokenizer
+                .join()
+                .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
+            Ok((model, tokenizer))
+        })?;
+        // No chat template (a base model) is fine; a broken file or template is an error.
+        let template = match &files.tokenizer_config {
+            Some(path) => match ChatTemplate::from_tokenizer_config(path) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(TemplateError::Missing(_)) => None,
+                Err(e) => bail!("{}: {e}", path.display()),
+            },
+            None => None,
+        };
+        let eos_token_ids = eos_token_ids(&files, model.config())?;
+        Ok(Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            eos_token_ids,
+            defaults: read_defaults(files.generation_config.as_deref())?,
+        })
+    }
+
+    /// A single GGUF file: config, weights, tokenizer (unless `options` names one), chat
+    /// template and end-of-generation ids all come from it.
+    fn load_gguf(
+        path: &Path,
+        device: DeviceSpec,
+        dtype: Option<DType>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let start = Instant::now();
+        let gguf = Arc::new(GgufFile::open(path)?);
+        tracing::info!(
+            seconds = start.elapsed().as_secs_f32(),
+            tensors = gguf.tensors.len(),
+            "GGUF metadata read"
+        );
+        let dtype = dtype.unwrap_or_else(|| device.default_dtype());
+        let dev = device.open()?;
+        let (model, (tokenizer, dir_template)) = std::thread::scope(|s| -> Result<_> {
+            let tokenizer = s.spawn(|| -> Result<_> {
+                let start = Instant::now();
+                let out = match &options.tokenizer {
+                    Some(dir) => tokenizer_dir(dir)?,
+                    None => (tokenizer::from_gguf_vocab(&gguf.vocab()?)?, None),
+                };
+                tracing::info!(seconds = start.elapsed().as_secs_f32(), "tokenizer loaded");
+                Ok(out)
+            });
+            let start = Instant::now();
+            let model = load_gguf_model(&gguf, dtype, &dev)
+                .with_context(|| format!("loading weights from {}", path.display()))?;
+            tracing::info!(
+                seconds = start.elapsed().as_secs_f32(),
+                ?dtype,
+                "weights loaded"
+            );
+            let tokenizer = tokenizer
+                .join()
+                .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
+            Ok((model, tokenizer))
+        })?;
+        let token_text = |key: &str| {
+            let id = gguf.get(key).and_then(MetaValue::as_u64)?;
+            tokenizer.id_to_token(u32::try_from(id).ok()?)
+        };
+        let template = match (dir_template, gguf.chat_template()) {
+            (Some(t), _) => Some(Arc::new(t)),
+            (None, Some(source)) => Some(Arc::new(
+                ChatTemplate::new(
+                    source.to_string(),
+                    token_text("tokenizer.ggml.bos_token_id"),
+                    token_text("tokenizer.ggml.eos_token_id"),
+                )
+                .map_err(|e| anyhow!("{}: tokenizer.chat_template: {e}", path.display()))?,
+            )),
+            (None, None) => None,
+        };
+        let eos_token_ids = gguf.eos_token_ids();
+        let sampling = |key: &str| gguf.get(key).and_then(MetaValue::as_f64);
+        Ok(Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            eos_token_ids,
+            defaults: GenerationDefaults {
+                temperature: sampling("general.sampling.temp").map(|v| v as f32),
+                top_p: sampling("general.sampling.top_p").map(|v| v as f32),
+                top_k: sampling("general.sampling.top_k").map(|v| v as usize),
+            },
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+}
