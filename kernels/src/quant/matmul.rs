@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::act::{quantize_q8_0, quantize_q8k, Q8KRow, Q8_0Row};
 use super::{dot, GgmlType, QuantError};
+use crate::{cpu_isa, Isa};
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -25,6 +26,48 @@ enum QuantActs {
     Q8_0(Vec<Q8_0Row>),
     Q8K(Vec<Q8KRow>),
 }
+
+type DotQ8_0 = unsafe fn(&[u8], &Q8_0Row) -> f32;
+type DotQ8K = unsafe fn(&[u8], &Q8KRow) -> f32;
+
+/// A weight type's dot product on a path: only made where the CPU runs it.
+#[derive(Clone, Copy)]
+enum Dot {
+    Q8_0(DotQ8_0),
+    Q8K(DotQ8K),
+}
+
+impl Dot {
+    fn new(ty: GgmlType, isa: Isa) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 && isa.is_supported() {
+            use super::x86;
+            return match ty {
+                GgmlType::Q8_0 => Self::Q8_0(x86::dot_q8_0),
+                GgmlType::Q4_0 => Self::Q8_0(x86::dot_q4_0),
+                GgmlType::Q5_0 => Self::Q8_0(x86::dot_q5_0),
+                GgmlType::Q4K => Self::Q8K(x86::dot_q4k),
+                GgmlType::Q5K => Self::Q8K(x86::dot_q5k),
+                _ => Self::Q8K(x86::dot_q6k),
+            };
+        }
+        let _ = isa;
+        match ty {
+            GgmlType::Q8_0 => Self::Q8_0(dot::dot_q8_0),
+            GgmlType::Q4_0 => Self::Q8_0(dot::dot_q4_0),
+            GgmlType::Q5_0 => Self::Q8_0(dot::dot_q5_0),
+            GgmlType::Q4K => Self::Q8K(dot::dot_q4k),
+            GgmlType::Q5K => Self::Q8K(dot::dot_q5k),
+            _ => Self::Q8K(dot::dot_q6k),
+        }
+    }
+}
+
+/// The output buffer shared by the tasks; each writes only its own columns.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (distinct columns) of a buffer that outlives them.
+unsafe impl Sync for SharedOut {}
 
 impl QuantWeight {
     /// Copies the rows of `parts` (each whole rows of `k` in `ty`), one after another.
@@ -114,46 +157,177 @@ impl QuantWeight {
         }
     }
 
-    /// `out` (m × n, row-major) = x (m × k, f32) · Wᵀ + bias.
+    /// `out` (m × n, row-major) = x (m × k, f32) · Wᵀ + bias, on this process's CPU path.
     pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_with_isa(cpu_isa(), x, m, bias, out)
+    }
+
+    /// [`Self::matmul`] on a given path (a path the CPU lacks falls back to the portable one).
+    pub fn matmul_with_isa(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let (n, k) = (self.n, self.k);
         assert!(x.len() >= m * k && out.len() >= m * n && bias.is_none_or(|b| b.len() >= n));
         if m == 0 || n == 0 {
             return;
         }
         let acts = self.quantize_acts(x, m);
+        let dot = Dot::new(self.ty, isa);
         let rb = self.row_bytes();
-        let ty = self.ty;
-        // Tasks own a run of output columns; each writes its columns of every row of out.
-        let columns: Vec<(usize, Vec<f32>)> = self
-            .data
+        let shared = SharedOut(out.as_mut_ptr());
+        let shared = &shared;
+        self.data
             .par_chunks(ROWS_PER_TASK * rb)
             .enumerate()
-            .map(|(t, rows)| {
+            .for_each(|(t, rows)| {
                 let c0 = t * ROWS_PER_TASK;
-                let cols = rows.len() / rb;
-                let mut vals = vec![0f32; m * cols];
                 for (c, w) in rows.chunks_exact(rb).enumerate() {
+                    let col = c0 + c;
+                    let b = bias.map_or(0.0, |b| b[col]);
                     for i in 0..m {
-                        let v = match (&acts, ty) {
-                            (QuantActs::Q8_0(a), GgmlType::Q8_0) => dot::dot_q8_0(w, &a[i]),
-                            (QuantActs::Q8_0(a), GgmlType::Q4_0) => dot::dot_q4_0(w, &a[i]),
-                            (QuantActs::Q8_0(a), _) => dot::dot_q5_0(w, &a[i]),
-                            (QuantActs::Q8K(a), GgmlType::Q4K) => dot::dot_q4k(w, &a[i]),
-                            (QuantActs::Q8K(a), GgmlType::Q5K) => dot::dot_q5k(w, &a[i]),
-                            (QuantActs::Q8K(a), _) => dot::dot_q6k(w, &a[i]),
+                        // SAFETY: `Dot::new` chose a path this CPU runs; w is one whole row
+                        // and each activation row holds k values in the matching format.
+                        let v = unsafe {
+                            match (dot, &acts) {
+                                (Dot::Q8_0(f), QuantActs::Q8_0(a)) => f(w, &a[i]),
+                                (Dot::Q8K(f), QuantActs::Q8K(a)) => f(w, &a[i]),
+                                _ => unreachable!("activations are quantized for the weight type"),
+                            }
                         };
-                        vals[i * cols + c] = v + bias.map_or(0.0, |b| b[c0 + c]);
+                        // SAFETY: i < m, col < n: inside out (m × n); only this task writes
+                        // column col.
+                        unsafe { *shared.0.add(i * n + col) = v + b };
                     }
                 }
-                (c0, vals)
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    /// Deterministic pseudo-random bytes.
+    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
             })
-            .collect();
-        for (c0, vals) in columns {
-            let cols = vals.len() / m;
-            for (i, row) in vals.chunks_exact(cols).enumerate() {
-                out[i * n + c0..i * n + c0 + cols].copy_from_slice(row);
+            .collect()
+    }
+
+    /// `n` rows of random blocks of `ty` whose f16 scales are small finite values.
+    fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> QuantWeight {
+        let row = ty.row_bytes(k).unwrap();
+        let mut data = bytes(seed, n * row);
+        let scale_at: &[usize] = match ty {
+            GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => &[0],
+        };
+        for (i, block) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            for &at in scale_at {
+                let v = f16::from_f32(((i * 7 + at) % 13) as f32 / 400.0 + 0.001);
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
             }
         }
+        QuantWeight::from_parts(ty, &[&data], k).unwrap()
+    }
+
+    fn activations(m: usize, k: usize) -> Vec<f32> {
+        bytes(99, m * k)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (b as f32 - 127.5) / 50.0 * if i % 97 == 0 { 8.0 } else { 1.0 })
+            .collect()
+    }
+
+    const TYPES: [GgmlType; 6] = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    fn run(w: &QuantWeight, isa: Isa, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let mut out = vec![0f32; m * w.rows()];
+        w.matmul_with_isa(isa, x, m, bias, &mut out);
+        out
+    }
+
+    #[test]
+    fn every_path_agrees_with_the_dequantized_product() {
+        let (n, k, m) = (37, 512, 3);
+        let x = activations(m, k);
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
+        for ty in TYPES {
+            let w = weight(ty, n, k, ty.block_bytes() as u64);
+            let dense = w
+                .dequantize_rows(&(0..n as u32).collect::<Vec<_>>())
+                .unwrap();
+            let portable = run(&w, Isa::Scalar, &x, m, Some(&bias));
+            for i in 0..m {
+                for r in 0..n {
+                    let exact: f32 =
+                        (0..k).map(|c| x[i * k + c] * dense[r * k + c]).sum::<f32>() + bias[r];
+                    let scale: f32 = (0..k)
+                        .map(|c| (x[i * k + c] * dense[r * k + c]).abs())
+                        .sum();
+                    let got = portable[i * n + r];
+                    // 8-bit activations: within a few percent of the sum of |products|.
+                    assert!(
+                        (got - exact).abs() <= 0.02 * scale + 1e-4,
+                        "{ty} ({i}, {r}): {got} vs {exact}"
+                    );
+                }
+            }
+            for isa in crate::supported_isas() {
+                let out = run(&w, isa, &x, m, Some(&bias));
+                for (a, b) in out.iter().zip(&portable) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{ty} {isa}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_batch() {
+        let (n, k, m) = (40, 256, 5);
+        let x = activations(m, k);
+        for ty in TYPES {
+            let w = weight(ty, n, k, 7);
+            for isa in crate::supported_isas() {
+                let all = run(&w, isa, &x, m, None);
+                for i in 0..m {
+                    let one = run(&w, isa, &x[i * k..(i + 1) * k], 1, None);
+                    assert_eq!(one[..], all[i * n..(i + 1) * n], "{ty} {isa} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_must_be_whole_rows_of_whole_blocks() {
+        assert!(QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 34]], 33).is_err());
+        assert!(QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 35]], 32).is_err());
+        assert!(QuantWeight::from_parts(GgmlType::F16, &[&[0; 64]], 32).is_err());
+        let w = QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 68], &[0; 34]], 32).unwrap();
+        assert_eq!((w.rows(), w.cols(), w.size_in_bytes()), (3, 32, 102));
+        assert!(w.dequantize_rows(&[3]).is_err());
     }
 }

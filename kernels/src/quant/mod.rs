@@ -10,6 +10,8 @@ mod act;
 mod blocks;
 mod dot;
 mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use matmul::QuantWeight;
 
@@ -206,7 +208,8 @@ impl std::error::Error for QuantError {}
 /// elements must be exactly what the bytes hold.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
     let (len, size) = (ty.block_len(), ty.block_bytes());
-    if !ty.is_supported() || !out.len().is_multiple_of(len) || bytes.len() != out.len() / len * size {
+    if !ty.is_supported() || !out.len().is_multiple_of(len) || bytes.len() != out.len() / len * size
+    {
         return Err(QuantError(format!(
             "{} bytes of {ty} for {} elements",
             bytes.len(),
