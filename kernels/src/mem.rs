@@ -21,6 +21,12 @@ impl Zeroed for f32 {
     }
 }
 
+impl Zeroed for u8 {
+    fn zeroed_vec(n: usize) -> Vec<u8> {
+        zeroed_words::<u8>(n)
+    }
+}
+
 impl Zeroed for bf16 {
     fn zeroed_vec(n: usize) -> Vec<bf16> {
         halves_zeroed(n)
@@ -62,6 +68,7 @@ unsafe fn rebrand<W, T>(raw: Vec<W>) -> Vec<T> {
 
 /// Unsigned words, whose all-zero bytes are the value 0.
 trait Word: Copy + Default {}
+impl Word for u8 {}
 impl Word for u16 {}
 impl Word for u32 {}
 
@@ -95,7 +102,7 @@ fn zeroed_words<W: Word>(n: usize) -> Vec<W> {
         }
     };
     // SAFETY: the layout is non-zero-sized (cap > n ≥ 1 MiB / size); alloc_zeroed returns
-    // memory of that layout with every byte zero, or null (handled). W is u16 or u32, for
+    // memory of that layout with every byte zero, or null (handled). W is u8, u16 or u32, for
     // which all-zero bytes are the value 0, so the first n elements are initialized; the Vec
     // takes the allocation with the capacity it was allocated with, so it frees it with the
     // same layout.

@@ -27,14 +27,27 @@ enum QuantActs {
     Q8K(Vec<Q8KRow>),
 }
 
-type DotQ8_0 = unsafe fn(&[u8], &Q8_0Row) -> f32;
-type DotQ8K = unsafe fn(&[u8], &Q8KRow) -> f32;
+/// A dot product of `R` weight rows with one activation row.
+type Rows<A, const R: usize> = unsafe fn(&[&[u8]; R], &A) -> [f32; R];
 
-/// A weight type's dot product on a path: only made where the CPU runs it.
+/// A weight type's dot products on a path (one row, and [`GROUP`] rows sharing each
+/// activation load): only made where the CPU runs it.
 #[derive(Clone, Copy)]
 enum Dot {
-    Q8_0(DotQ8_0),
-    Q8K(DotQ8K),
+    Q8_0(Rows<Q8_0Row, 1>, Rows<Q8_0Row, GROUP>),
+    Q8K(Rows<Q8KRow, 1>, Rows<Q8KRow, GROUP>),
+}
+
+/// Weight rows dotted together when several activation rows reuse them (independent
+/// accumulators, one activation load). A single activation row streams one weight row at a
+/// time instead: four rows read side by side are four streams, which the hardware prefetcher
+/// follows worse than one (batch-1 decode 39 vs 29 tok/s on the 0.5B q8_0 file, AVX2). A row's
+/// arithmetic is the same either way.
+const GROUP: usize = 4;
+
+/// The portable dots as `R`-row functions.
+fn portable<A, const R: usize>(f: fn(&[u8], &A) -> f32) -> impl Fn(&[&[u8]; R], &A) -> [f32; R] {
+    move |w, x| std::array::from_fn(|r| f(w[r], x))
 }
 
 impl Dot {
@@ -43,22 +56,30 @@ impl Dot {
         if isa >= Isa::Avx2 && isa.is_supported() {
             use super::x86;
             return match ty {
-                GgmlType::Q8_0 => Self::Q8_0(x86::dot_q8_0),
-                GgmlType::Q4_0 => Self::Q8_0(x86::dot_q4_0),
-                GgmlType::Q5_0 => Self::Q8_0(x86::dot_q5_0),
-                GgmlType::Q4K => Self::Q8K(x86::dot_q4k),
-                GgmlType::Q5K => Self::Q8K(x86::dot_q5k),
-                _ => Self::Q8K(x86::dot_q6k),
+                GgmlType::Q8_0 => Self::Q8_0(x86::dot_q8_0::<1>, x86::dot_q8_0::<GROUP>),
+                GgmlType::Q4_0 => Self::Q8_0(x86::dot_q4_0::<1>, x86::dot_q4_0::<GROUP>),
+                GgmlType::Q5_0 => Self::Q8_0(x86::dot_q5_0::<1>, x86::dot_q5_0::<GROUP>),
+                GgmlType::Q4K => Self::Q8K(x86::dot_q4k::<1>, x86::dot_q4k::<GROUP>),
+                GgmlType::Q5K => Self::Q8K(x86::dot_q5k::<1>, x86::dot_q5k::<GROUP>),
+                _ => Self::Q8K(x86::dot_q6k::<1>, x86::dot_q6k::<GROUP>),
             };
         }
         let _ = isa;
+        macro_rules! both {
+            ($variant:ident, $f:path) => {
+                Self::$variant(
+                    |w: &[&[u8]; 1], x| portable::<_, 1>($f)(w, x),
+                    |w: &[&[u8]; GROUP], x| portable::<_, GROUP>($f)(w, x),
+                )
+            };
+        }
         match ty {
-            GgmlType::Q8_0 => Self::Q8_0(dot::dot_q8_0),
-            GgmlType::Q4_0 => Self::Q8_0(dot::dot_q4_0),
-            GgmlType::Q5_0 => Self::Q8_0(dot::dot_q5_0),
-            GgmlType::Q4K => Self::Q8K(dot::dot_q4k),
-            GgmlType::Q5K => Self::Q8K(dot::dot_q5k),
-            _ => Self::Q8K(dot::dot_q6k),
+            GgmlType::Q8_0 => both!(Q8_0, dot::dot_q8_0),
+            GgmlType::Q4_0 => both!(Q8_0, dot::dot_q4_0),
+            GgmlType::Q5_0 => both!(Q8_0, dot::dot_q5_0),
+            GgmlType::Q4K => both!(Q8K, dot::dot_q4k),
+            GgmlType::Q5K => both!(Q8K, dot::dot_q5k),
+            _ => both!(Q8K, dot::dot_q6k),
         }
     }
 }
@@ -186,22 +207,41 @@ impl QuantWeight {
             .enumerate()
             .for_each(|(t, rows)| {
                 let c0 = t * ROWS_PER_TASK;
-                for (c, w) in rows.chunks_exact(rb).enumerate() {
-                    let col = c0 + c;
-                    let b = bias.map_or(0.0, |b| b[col]);
-                    for i in 0..m {
-                        // SAFETY: `Dot::new` chose a path this CPU runs; w is one whole row
-                        // and each activation row holds k values in the matching format.
+                let rows: Vec<&[u8]> = rows.chunks_exact(rb).collect();
+                let write = |col: usize, i: usize, v: f32| {
+                    // SAFETY: i < m, col < n: inside out (m × n); only this task writes
+                    // column col.
+                    unsafe { *shared.0.add(i * n + col) = v + bias.map_or(0.0, |b| b[col]) };
+                };
+                let grouped = if m > 1 { rows.len() / GROUP * GROUP } else { 0 };
+                let (groups, tail) = rows.split_at(grouped);
+                let groups = groups.chunks_exact(GROUP);
+                for i in 0..m {
+                    // SAFETY (every call): `Dot::new` chose a path this CPU runs; each weight
+                    // row is whole, and the activation rows hold k values in the matching
+                    // format (`quantize_acts` follows the weight type, as `Dot::new` does).
+                    for (g, group) in groups.clone().enumerate() {
+                        let w: &[&[u8]; GROUP] = group.try_into().expect("a whole group");
                         let v = unsafe {
                             match (dot, &acts) {
-                                (Dot::Q8_0(f), QuantActs::Q8_0(a)) => f(w, &a[i]),
-                                (Dot::Q8K(f), QuantActs::Q8K(a)) => f(w, &a[i]),
-                                _ => unreachable!("activations are quantized for the weight type"),
+                                (Dot::Q8_0(_, f), QuantActs::Q8_0(a)) => f(w, &a[i]),
+                                (Dot::Q8K(_, f), QuantActs::Q8K(a)) => f(w, &a[i]),
+                                _ => unreachable!("activations follow the weight type"),
                             }
                         };
-                        // SAFETY: i < m, col < n: inside out (m × n); only this task writes
-                        // column col.
-                        unsafe { *shared.0.add(i * n + col) = v + b };
+                        for (r, v) in v.into_iter().enumerate() {
+                            write(c0 + g * GROUP + r, i, v);
+                        }
+                    }
+                    for (r, w) in tail.iter().enumerate() {
+                        let v = unsafe {
+                            match (dot, &acts) {
+                                (Dot::Q8_0(f, _), QuantActs::Q8_0(a)) => f(&[w], &a[i])[0],
+                                (Dot::Q8K(f, _), QuantActs::Q8K(a)) => f(&[w], &a[i])[0],
+                                _ => unreachable!("activations follow the weight type"),
+                            }
+                        };
+                        write(c0 + grouped + r, i, v);
                     }
                 }
             });
@@ -307,7 +347,7 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_batch() {
-        let (n, k, m) = (40, 256, 5);
+        let (n, k, m) = (39, 256, 5);
         let x = activations(m, k);
         for ty in TYPES {
             let w = weight(ty, n, k, 7);

@@ -10,13 +10,21 @@ use std::arch::x86_64::*;
 use super::act::{Q8KRow, Q8_0Row};
 use super::blocks::{Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES};
 
+/// The f16 at `p`, widened exactly: its bits moved into an f32 (sign, then exponent and
+/// mantissa 13 places up) and scaled by 2^112, the difference of the exponent biases, which
+/// also makes f16 subnormals exact (inf and NaN scales, meaningless in a block, come out
+/// finite). Integer moves and one multiply, rather than `vcvtph2ps`, which the compiler feeds
+/// from a 16-bit insert into a live register: a false dependency on an accumulator that
+/// serialized the whole loop.
+///
 /// # Safety
-/// AVX2 + FMA + F16C; `p` points at 2 readable bytes.
+/// `p` points at 2 readable bytes.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: per the caller; an unaligned 2-byte read.
-    let bits = unsafe { (p as *const u16).read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    let h = unsafe { (p as *const u16).read_unaligned() } as u32;
+    let bits = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13);
+    f32::from_bits(bits) * f32::from_bits(0x7780_0000) // 2^112
 }
 
 /// Horizontal sum of 8 lanes, in a fixed order.
@@ -65,83 +73,100 @@ unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask)
 }
 
-/// # Safety
-/// AVX2 + FMA + F16C; `w` whole Q8_0 blocks, `x` at least as many.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q8_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        // SAFETY: a block is 34 bytes (2 of scale, 32 of weights); xq is 32 bytes.
-        let (wv, xv, d) = unsafe {
-            (
-                _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i),
-                _mm256_loadu_si256(xq.as_ptr() as *const __m256i),
-                f16_at(b.as_ptr()),
-            )
-        };
-        let s = _mm256_cvtepi32_ps(dot_i8(wv, xv));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc);
-    }
-    hsum(acc)
+/// A 32-weight block type dotted with Q8_0 activations: its bytes, and its 32 weights as signed
+/// bytes (the f16 scale is its first two bytes).
+trait Block32 {
+    const BYTES: usize;
+    /// # Safety
+    /// AVX2; `p` points at a whole block.
+    unsafe fn weights(p: *const u8) -> __m256i;
 }
 
-/// # Safety
-/// As [`dot_q8_0`], Q4_0 blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q4_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        // SAFETY: a block is 18 bytes (2 + 16 of nibbles); xq is 32 bytes.
-        let (wv, xv, d) = unsafe {
-            (
-                nibbles(b.as_ptr().add(2)),
-                _mm256_loadu_si256(xq.as_ptr() as *const __m256i),
-                f16_at(b.as_ptr()),
-            )
-        };
-        let wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(8));
-        let s = _mm256_cvtepi32_ps(dot_i8(wv, xv));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc);
+struct Q8_0;
+struct Q4_0;
+struct Q5_0;
+
+impl Block32 for Q8_0 {
+    const BYTES: usize = Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8) -> __m256i {
+        // SAFETY (caller): 32 weight bytes after the 2-byte scale.
+        unsafe { load256(p.add(2)) }
     }
-    hsum(acc)
 }
 
-/// # Safety
-/// As [`dot_q8_0`], Q5_0 blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q5_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        // SAFETY: a block is 22 bytes (2 + 4 of high bits + 16 of nibbles); xq is 32 bytes.
-        let (low, high, xv, d) = unsafe {
-            (
-                nibbles(b.as_ptr().add(6)),
-                bits_to_bytes(b.as_ptr().add(2)),
-                _mm256_loadu_si256(xq.as_ptr() as *const __m256i),
-                f16_at(b.as_ptr()),
-            )
-        };
+impl Block32 for Q4_0 {
+    const BYTES: usize = Q4_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8) -> __m256i {
+        // SAFETY (caller): 16 bytes of nibbles after the scale.
+        _mm256_sub_epi8(unsafe { nibbles(p.add(2)) }, _mm256_set1_epi8(8))
+    }
+}
+
+impl Block32 for Q5_0 {
+    const BYTES: usize = Q5_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8) -> __m256i {
+        // SAFETY (caller): 4 bytes of high bits, then 16 of nibbles, after the scale.
+        let (low, high) = unsafe { (nibbles(p.add(6)), bits_to_bytes(p.add(2))) };
         // (n | h << 4) - 16 as i8: n where the bit is set, n | 0xF0 (= n - 16) where not.
-        let wv = _mm256_or_si256(
+        _mm256_or_si256(
             low,
             _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
-        );
-        let s = _mm256_cvtepi32_ps(dot_i8(wv, xv));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc);
+        )
     }
-    hsum(acc)
+}
+
+/// `R` weight rows of 32-blocks against one Q8_0 activation row: per block the activations are
+/// loaded once for all rows; each row has its own accumulator, updated exactly as when alone.
+///
+/// # Safety
+/// AVX2 + FMA + F16C; every row holds `x.d.len()` whole blocks and `x.q` as many 32s.
+#[inline(always)]
+unsafe fn dot_rows_32<B: Block32, const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+    let nb = x.d.len();
+    debug_assert!(x.q.len() >= 32 * nb && w.iter().all(|r| r.len() >= nb * B::BYTES));
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        // SAFETY: block b of the activations (32 bytes) and of each row, per the caller.
+        unsafe {
+            let xv = load256(x.q.as_ptr().add(32 * b) as *const u8);
+            let dx = *x.d.get_unchecked(b);
+            for r in 0..R {
+                let p = w[r].as_ptr().add(b * B::BYTES);
+                let s = _mm256_cvtepi32_ps(dot_i8(B::weights(p), xv));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(p) * dx), s, acc[r]);
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+macro_rules! dot32 {
+    ($name:ident, $block:ty) => {
+        /// # Safety
+        /// AVX2 + FMA + F16C; each row holds as many whole blocks as `x` has.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name<const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+            // SAFETY: per the caller.
+            unsafe { dot_rows_32::<$block, R>(w, x) }
+        }
+    };
+}
+
+dot32!(dot_q8_0, Q8_0);
+dot32!(dot_q4_0, Q4_0);
+dot32!(dot_q5_0, Q5_0);
+
+/// The f16 at byte `at` of `b`, widened (the scalar conversion; once per block and row).
+#[inline(always)]
+fn f16_le(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block.
@@ -162,96 +187,179 @@ fn mins_dot(m: &[u8; 8], bsums: &[i16]) -> i32 {
         .sum()
 }
 
+/// `R` rows of Q4_K (`FIVE` false) or Q5_K (`FIVE` true) blocks against one Q8_K row: per
+/// 64 activations loaded once, each row's two sub-blocks of nibbles (plus fifth bits) times
+/// their scales into its i32 lanes; the mins against the activations' run sums, exactly.
+///
 /// # Safety
-/// AVX2 + FMA + F16C; `w` whole Q4_K blocks, `x` at least as many.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4k(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = 0f32;
-    for (i, b) in w.chunks_exact(Q4K_BYTES).enumerate() {
-        let (sc, m) = scales_mins(&b[4..16]);
-        let xq = &x.q[256 * i..256 * i + 256];
-        let mut sumi = _mm256_setzero_si256();
-        for c in 0..4 {
-            // SAFETY: 32 bytes of nibbles at 16 + 32c < 144; 64 activation bytes at 64c.
-            let (q, x0, x1) = unsafe {
-                (
-                    _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i),
-                    _mm256_loadu_si256(xq.as_ptr().add(64 * c) as *const __m256i),
-                    _mm256_loadu_si256(xq.as_ptr().add(64 * c + 32) as *const __m256i),
-                )
-            };
-            let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
-            let p0 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(lo, x0),
-                _mm256_set1_epi16(sc[2 * c] as i16),
-            );
-            let p1 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(hi, x1),
-                _mm256_set1_epi16(sc[2 * c + 1] as i16),
-            );
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+/// AVX2 + FMA + F16C; every row holds `x.d.len()` whole blocks, `x.q` 256 per block.
+#[inline(always)]
+unsafe fn dot_rows_k4<const FIVE: bool, const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
+    let nb = x.d.len();
+    let bytes = if FIVE { Q5K_BYTES } else { Q4K_BYTES };
+    let qs_at = if FIVE { 48 } else { 16 };
+    debug_assert!(x.q.len() >= 256 * nb && w.iter().all(|r| r.len() >= nb * bytes));
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc_min = [0f32; R];
+    for i in 0..nb {
+        let mut sc = [[0u8; 8]; R];
+        let mut sumi = [_mm256_setzero_si256(); R];
+        let mut hb = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            let b = &w[r][i * bytes..(i + 1) * bytes];
+            let m;
+            (sc[r], m) = scales_mins(&b[4..16]);
+            let dmin = f16_le(b, 2);
+            acc_min[r] += (dmin * x.d[i]) * mins_dot(&m, &x.bsums[16 * i..16 * i + 16]) as f32;
+            if FIVE {
+                // SAFETY: the 32 bytes of fifth bits at 16..48 of the block.
+                hb[r] = unsafe { load256(b.as_ptr().add(16)) };
+            }
         }
-        let dx = x.d[i];
-        // SAFETY: d and dmin are the block's first 4 bytes.
-        let (d, dmin) = unsafe { (f16_at(b.as_ptr()), f16_at(b.as_ptr().add(2))) };
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi), acc);
-        acc_min += (dmin * dx) * mins_dot(&m, &x.bsums[16 * i..]) as f32;
+        for c in 0..4 {
+            // SAFETY: 64 activation bytes at 256i + 64c, in bounds per the caller.
+            let (x0, x1) = unsafe {
+                let xp = x.q.as_ptr().add(256 * i + 64 * c) as *const u8;
+                (load256(xp), load256(xp.add(32)))
+            };
+            for r in 0..R {
+                // SAFETY: 32 bytes of nibbles at qs_at + 32c inside block i of row r.
+                let q = unsafe { load256(w[r].as_ptr().add(i * bytes + qs_at + 32 * c)) };
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if FIVE {
+                    // Bit 2c of each byte (low nibbles) and 2c + 1 (high) to bit 4; a 16-bit
+                    // shift by less than 8 keeps each byte's own bit in its bit 0.
+                    let s0 = _mm_cvtsi32_si128(2 * c as i32);
+                    let s1 = _mm_cvtsi32_si128(2 * c as i32 + 1);
+                    let h0 = _mm256_and_si256(_mm256_srl_epi16(hb[r], s0), one);
+                    let h1 = _mm256_and_si256(_mm256_srl_epi16(hb[r], s1), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                }
+                let p0 = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, x0),
+                    _mm256_set1_epi16(sc[r][2 * c] as i16),
+                );
+                let p1 = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, x1),
+                    _mm256_set1_epi16(sc[r][2 * c + 1] as i16),
+                );
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+            }
+        }
+        for r in 0..R {
+            let d = f16_le(&w[r][i * bytes..], 0);
+            acc[r] = _mm256_fmadd_ps(
+                _mm256_set1_ps(d * x.d[i]),
+                _mm256_cvtepi32_ps(sumi[r]),
+                acc[r],
+            );
+        }
     }
-    hsum(acc) - acc_min
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) - acc_min[r];
+    }
+    out
 }
 
 /// # Safety
-/// AVX2 + FMA + F16C; `w` whole Q5_K blocks, `x` at least as many.
+/// AVX2 + FMA + F16C; each row holds as many whole Q4_K blocks as `x` has.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5k(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = 0f32;
-    let one = _mm256_set1_epi8(1);
-    for (i, b) in w.chunks_exact(Q5K_BYTES).enumerate() {
-        let (sc, m) = scales_mins(&b[4..16]);
-        let xq = &x.q[256 * i..256 * i + 256];
-        // SAFETY: the 32 bytes of fifth bits at 16..48.
-        let hb = unsafe { _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i) };
-        let mut sumi = _mm256_setzero_si256();
-        for c in 0..4 {
-            // SAFETY: 32 bytes of nibbles at 48 + 32c < 176; 64 activation bytes at 64c.
-            let (q, x0, x1) = unsafe {
-                (
-                    _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i),
-                    _mm256_loadu_si256(xq.as_ptr().add(64 * c) as *const __m256i),
-                    _mm256_loadu_si256(xq.as_ptr().add(64 * c + 32) as *const __m256i),
-                )
+pub unsafe fn dot_q4k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
+    // SAFETY: per the caller.
+    unsafe { dot_rows_k4::<false, R>(w, x) }
+}
+
+/// # Safety
+/// AVX2 + FMA + F16C; each row holds as many whole Q5_K blocks as `x` has.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
+    // SAFETY: per the caller.
+    unsafe { dot_rows_k4::<true, R>(w, x) }
+}
+
+/// # Safety
+/// AVX2 + FMA + F16C; each row holds as many whole Q6_K blocks as `x` has.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q6k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
+    let nb = x.d.len();
+    debug_assert!(x.q.len() >= 256 * nb && w.iter().all(|r| r.len() >= nb * Q6K_BYTES));
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for i in 0..nb {
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for half in 0..2 {
+            // SAFETY: 128 activation bytes at 256i + 128 half, in bounds per the caller.
+            let xs = unsafe {
+                let xh = x.q.as_ptr().add(256 * i + 128 * half) as *const u8;
+                [
+                    load256(xh),
+                    load256(xh.add(32)),
+                    load256(xh.add(64)),
+                    load256(xh.add(96)),
+                ]
             };
-            // Bit 2c of each byte (for the low nibbles) and bit 2c + 1 (high), moved to bit 4;
-            // a 16-bit shift by less than 8 keeps each byte's own bit in its bit 0.
-            let shift = _mm_cvtsi32_si128(2 * c as i32);
-            let shift1 = _mm_cvtsi32_si128(2 * c as i32 + 1);
-            let h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shift), one), 4);
-            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shift1), one), 4);
-            let lo = _mm256_or_si256(_mm256_and_si256(q, _mm256_set1_epi8(0x0F)), h0);
-            let hi = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F)),
-                h1,
-            );
-            let p0 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(lo, x0),
-                _mm256_set1_epi16(sc[2 * c] as i16),
-            );
-            let p1 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(hi, x1),
-                _mm256_set1_epi16(sc[2 * c + 1] as i16),
-            );
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            // 32 · Σx per pair, to take the -32 off the unsigned values.
+            let x32 = [
+                _mm256_maddubs_epi16(m32, xs[0]),
+                _mm256_maddubs_epi16(m32, xs[1]),
+                _mm256_maddubs_epi16(m32, xs[2]),
+                _mm256_maddubs_epi16(m32, xs[3]),
+            ];
+            for r in 0..R {
+                let b = &w[r][i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
+                let p = b.as_ptr();
+                // SAFETY: ql (128 bytes at 0) and qh (64 at 128) of the block.
+                let (ql0, ql1, qh) = unsafe {
+                    (
+                        load256(p.add(64 * half)),
+                        load256(p.add(64 * half + 32)),
+                        load256(p.add(128 + 32 * half)),
+                    )
+                };
+                // Values 0..64, groups g of 32 in element order.
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0, m3)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2, m3)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        q6_high(qh, 4, m3),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        q6_high(qh, 6, m3),
+                    ),
+                ];
+                for g in 0..4 {
+                    let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[g], xs[g]), x32[g]);
+                    // Elements 0..16 of the group take one scale, 16..32 the next.
+                    let s0 = b[192 + 8 * half + 2 * g] as i8 as i16;
+                    let s1 = b[192 + 8 * half + 2 * g + 1] as i8 as i16;
+                    let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p16, scales));
+                }
+            }
         }
-        let dx = x.d[i];
-        // SAFETY: d and dmin are the block's first 4 bytes.
-        let (d, dmin) = unsafe { (f16_at(b.as_ptr()), f16_at(b.as_ptr().add(2))) };
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi), acc);
-        acc_min += (dmin * dx) * mins_dot(&m, &x.bsums[16 * i..]) as f32;
+        for r in 0..R {
+            let d = f16_le(&w[r][i * Q6K_BYTES..], 208);
+            acc[r] = _mm256_fmadd_ps(
+                _mm256_set1_ps(d * x.d[i]),
+                _mm256_cvtepi32_ps(sumi[r]),
+                acc[r],
+            );
+        }
     }
-    hsum(acc) - acc_min
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
 }
 
 /// # Safety
@@ -269,63 +377,18 @@ unsafe fn q6_high(qh: __m256i, s: i32, m3: __m256i) -> __m256i {
     _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, sh), m3), 4)
 }
 
-/// # Safety
-/// AVX2 + FMA + F16C; `w` whole Q6_K blocks, `x` at least as many.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6k(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(3);
-    let m32 = _mm256_set1_epi8(32);
-    for (i, b) in w.chunks_exact(Q6K_BYTES).enumerate() {
-        let xq = &x.q[256 * i..256 * i + 256];
-        let mut sumi = _mm256_setzero_si256();
-        for half in 0..2 {
-            let (p, xp) = (b.as_ptr(), xq.as_ptr());
-            // SAFETY: ql (128 bytes at 0), qh (64 at 128) and the activations (256) in bounds.
-            let (ql0, ql1, qh, xs) = unsafe {
-                let load = load256;
-                let xh = xp.add(128 * half) as *const u8;
-                (
-                    load(p.add(64 * half)),
-                    load(p.add(64 * half + 32)),
-                    load(p.add(128 + 32 * half)),
-                    [
-                        load(xh),
-                        load(xh.add(32)),
-                        load(xh.add(64)),
-                        load(xh.add(96)),
-                    ],
-                )
-            };
-            // Values 0..64 (the -32 comes off as 32 · Σx), groups g of 32 in element order.
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0, m3)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2, m3)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    q6_high(qh, 4, m3),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    q6_high(qh, 6, m3),
-                ),
-            ];
-            for g in 0..4 {
-                let p16 = _mm256_sub_epi16(
-                    _mm256_maddubs_epi16(q[g], xs[g]),
-                    _mm256_maddubs_epi16(m32, xs[g]),
-                );
-                // Elements 0..16 of the group take one scale, 16..32 the next.
-                let s0 = b[192 + 8 * half + 2 * g] as i8 as i16;
-                let s1 = b[192 + 8 * half + 2 * g + 1] as i8 as i16;
-                let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, scales));
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn f16_scales_widen_exactly() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h);
+            if !want.is_finite() {
+                continue;
             }
+            // SAFETY: two readable bytes.
+            let got = unsafe { super::f16_at(h.to_le_bytes().as_ptr()) };
+            assert_eq!(got.to_bits(), want.to_f32().to_bits(), "{h:#06x}");
         }
-        // SAFETY: d is the block's last 2 bytes.
-        let d = unsafe { f16_at(b.as_ptr().add(208)) };
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i]), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc)
 }
