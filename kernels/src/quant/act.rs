@@ -28,7 +28,40 @@ fn round_even(v: f32) -> i32 {
     v.round_ties_even() as i32
 }
 
+/// `x` (a multiple of 32 long) in Q8_0, on the path `isa` allows (the same values on every
+/// path: the AVX2 build of the same code rounds with `vroundss` instead of a libm call).
+pub fn quantize_q8_0_with_isa(x: &[f32], out: &mut Q8_0Row, isa: crate::Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 && isa.is_supported() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], out: &mut Q8_0Row) {
+            quantize_q8_0(x, out)
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (is_supported).
+        return unsafe { avx2(x, out) };
+    }
+    let _ = isa;
+    quantize_q8_0(x, out)
+}
+
+/// `x` (a multiple of 256 long) in Q8_K, on the path `isa` allows (as
+/// [`quantize_q8_0_with_isa`]).
+pub fn quantize_q8k_with_isa(x: &[f32], out: &mut Q8KRow, isa: crate::Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 && isa.is_supported() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], out: &mut Q8KRow) {
+            quantize_q8k(x, out)
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (is_supported).
+        return unsafe { avx2(x, out) };
+    }
+    let _ = isa;
+    quantize_q8k(x, out)
+}
+
 /// `x` (a multiple of 32 long) in Q8_0.
+#[inline(always)]
 pub fn quantize_q8_0(x: &[f32], out: &mut Q8_0Row) {
     out.d.clear();
     out.q.clear();
@@ -43,6 +76,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Q8_0Row) {
 }
 
 /// `x` (a multiple of 256 long) in Q8_K.
+#[inline(always)]
 pub fn quantize_q8k(x: &[f32], out: &mut Q8KRow) {
     out.d.clear();
     out.q.clear();

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::act::{quantize_q8_0, quantize_q8k, Q8KRow, Q8_0Row};
+use super::act::{quantize_q8_0_with_isa, quantize_q8k_with_isa, Q8KRow, Q8_0Row};
 use super::{dot, GgmlType, QuantError};
 use crate::{cpu_isa, Isa};
 
@@ -36,6 +36,33 @@ type Rows<A, const R: usize> = unsafe fn(&[&[u8]; R], &A) -> [f32; R];
 enum Dot {
     Q8_0(Rows<Q8_0Row, 1>, Rows<Q8_0Row, GROUP>),
     Q8K(Rows<Q8KRow, 1>, Rows<Q8KRow, GROUP>),
+}
+
+/// Weight rows of a tile (the 32-weight types with several activation rows: each weight block
+/// unpacked once for [`TILE_X`] activation rows; `x86::dot_tile_32`).
+pub(super) const TILE_W: usize = 2;
+/// Activation rows of a tile.
+pub(super) const TILE_X: usize = 3;
+
+/// A tile kernel.
+type TileFn = unsafe fn(&[&[u8]; TILE_W], &[&Q8_0Row; TILE_X]) -> [[f32; TILE_W]; TILE_X];
+
+/// The tile kernel of a weight type on a path, where there is one.
+fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<TileFn> {
+    {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 && isa.is_supported() {
+            use super::x86;
+            return match ty {
+                GgmlType::Q8_0 => Some(x86::tile_q8_0),
+                GgmlType::Q4_0 => Some(x86::tile_q4_0),
+                GgmlType::Q5_0 => Some(x86::tile_q5_0),
+                _ => None,
+            };
+        }
+        let _ = (ty, isa);
+        None
+    }
 }
 
 /// Weight rows dotted together when several activation rows reuse them (independent
@@ -156,13 +183,13 @@ impl QuantWeight {
         Ok(out)
     }
 
-    fn quantize_acts(&self, x: &[f32], m: usize) -> QuantActs {
+    fn quantize_acts(&self, x: &[f32], m: usize, isa: Isa) -> QuantActs {
         let rows = x[..m * self.k].par_chunks(self.k);
         match self.ty {
             GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QuantActs::Q8K(
                 rows.map(|r| {
                     let mut q = Q8KRow::default();
-                    quantize_q8k(r, &mut q);
+                    quantize_q8k_with_isa(r, &mut q, isa);
                     q
                 })
                 .collect(),
@@ -170,7 +197,7 @@ impl QuantWeight {
             _ => QuantActs::Q8_0(
                 rows.map(|r| {
                     let mut q = Q8_0Row::default();
-                    quantize_q8_0(r, &mut q);
+                    quantize_q8_0_with_isa(r, &mut q, isa);
                     q
                 })
                 .collect(),
@@ -197,8 +224,9 @@ impl QuantWeight {
         if m == 0 || n == 0 {
             return;
         }
-        let acts = self.quantize_acts(x, m);
+        let acts = self.quantize_acts(x, m, isa);
         let dot = Dot::new(self.ty, isa);
+        let tile = tile_kernel(self.ty, isa);
         let rb = self.row_bytes();
         let shared = SharedOut(out.as_mut_ptr());
         let shared = &shared;
@@ -213,14 +241,40 @@ impl QuantWeight {
                     // column col.
                     unsafe { *shared.0.add(i * n + col) = v + bias.map_or(0.0, |b| b[col]) };
                 };
-                let grouped = if m > 1 { rows.len() / GROUP * GROUP } else { 0 };
-                let (groups, tail) = rows.split_at(grouped);
-                let groups = groups.chunks_exact(GROUP);
+                // Tiles where there are several activation rows and a tile kernel; then what
+                // is left, row group by row group. The same arithmetic for every output.
+                let (tiled_x, tiled_w) = match (tile, &acts) {
+                    (Some(_), QuantActs::Q8_0(_)) => {
+                        (m / TILE_X * TILE_X, rows.len() / TILE_W * TILE_W)
+                    }
+                    _ => (0, 0),
+                };
+                if let (Some(f), QuantActs::Q8_0(a)) = (tile, &acts) {
+                    for i0 in (0..tiled_x).step_by(TILE_X) {
+                        let x: [&Q8_0Row; TILE_X] = std::array::from_fn(|i| &a[i0 + i]);
+                        for r0 in (0..tiled_w).step_by(TILE_W) {
+                            let w: [&[u8]; TILE_W] = std::array::from_fn(|r| rows[r0 + r]);
+                            // SAFETY: `tile_kernel` chose a kernel this CPU runs; whole rows of
+                            // the weight type, activation rows in Q8_0 of k values.
+                            let v = unsafe { f(&w, &x) };
+                            for (i, vi) in v.iter().enumerate() {
+                                for (r, &vr) in vi.iter().enumerate() {
+                                    write(c0 + r0 + r, i0 + i, vr);
+                                }
+                            }
+                        }
+                    }
+                }
                 for i in 0..m {
+                    // What the tiles left of this activation row.
+                    let first = if i < tiled_x { tiled_w } else { 0 };
+                    let rest = &rows[first..];
+                    let grouped = if m > 1 { rest.len() / GROUP * GROUP } else { 0 };
+                    let (groups, tail) = rest.split_at(grouped);
                     // SAFETY (every call): `Dot::new` chose a path this CPU runs; each weight
                     // row is whole, and the activation rows hold k values in the matching
                     // format (`quantize_acts` follows the weight type, as `Dot::new` does).
-                    for (g, group) in groups.clone().enumerate() {
+                    for (g, group) in groups.chunks_exact(GROUP).enumerate() {
                         let w: &[&[u8]; GROUP] = group.try_into().expect("a whole group");
                         let v = unsafe {
                             match (dot, &acts) {
@@ -230,7 +284,7 @@ impl QuantWeight {
                             }
                         };
                         for (r, v) in v.into_iter().enumerate() {
-                            write(c0 + g * GROUP + r, i, v);
+                            write(c0 + first + g * GROUP + r, i, v);
                         }
                     }
                     for (r, w) in tail.iter().enumerate() {
@@ -241,7 +295,7 @@ impl QuantWeight {
                                 _ => unreachable!("activations follow the weight type"),
                             }
                         };
-                        write(c0 + grouped + r, i, v);
+                        write(c0 + first + grouped + r, i, v);
                     }
                 }
             });

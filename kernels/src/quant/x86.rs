@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 
 use super::act::{Q8KRow, Q8_0Row};
 use super::blocks::{Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES};
+use super::matmul::{TILE_W, TILE_X};
 
 /// The f16 at `p`, widened exactly: its bits moved into an f32 (sign, then exponent and
 /// mantissa 13 places up) and scaled by 2^112, the difference of the exponent biases, which
@@ -147,8 +148,57 @@ unsafe fn dot_rows_32<B: Block32, const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -
     out
 }
 
+/// A tile: [`TILE_W`] weight rows against [`TILE_X`] activation rows, each weight block
+/// unpacked once for all activation rows and each activation block loaded once for all weight
+/// rows. Each output's accumulator takes exactly the operations [`dot_rows_32`] gives it (the
+/// same integers, the same product of scales, one FMA per block), so a tile's results are
+/// those of the row-at-a-time path, bit for bit.
+///
+/// # Safety
+/// As [`dot_rows_32`], for every row of `x`.
+#[inline(always)]
+unsafe fn dot_tile_32<B: Block32>(
+    w: &[&[u8]; TILE_W],
+    x: &[&Q8_0Row; TILE_X],
+) -> [[f32; TILE_W]; TILE_X] {
+    let nb = x[0].d.len();
+    debug_assert!(x.iter().all(|x| x.d.len() == nb && x.q.len() >= 32 * nb));
+    debug_assert!(w.iter().all(|r| r.len() >= nb * B::BYTES));
+    let mut acc = [[_mm256_setzero_ps(); TILE_W]; TILE_X];
+    for b in 0..nb {
+        // SAFETY: block b of each weight row and of each activation row, per the caller.
+        unsafe {
+            let mut wv = [_mm256_setzero_si256(); TILE_W];
+            let mut aw = [_mm256_setzero_si256(); TILE_W];
+            let mut dw = [0f32; TILE_W];
+            for r in 0..TILE_W {
+                let p = w[r].as_ptr().add(b * B::BYTES);
+                wv[r] = B::weights(p);
+                aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
+                dw[r] = f16_at(p);
+            }
+            for i in 0..TILE_X {
+                let xv = load256(x[i].q.as_ptr().add(32 * b) as *const u8);
+                let dx = *x[i].d.get_unchecked(b);
+                for r in 0..TILE_W {
+                    let p16 = _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r]));
+                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                    acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), s, acc[i][r]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; TILE_W]; TILE_X];
+    for i in 0..TILE_X {
+        for r in 0..TILE_W {
+            out[i][r] = hsum(acc[i][r]);
+        }
+    }
+    out
+}
+
 macro_rules! dot32 {
-    ($name:ident, $block:ty) => {
+    ($name:ident, $tile:ident, $block:ty) => {
         /// # Safety
         /// AVX2 + FMA + F16C; each row holds as many whole blocks as `x` has.
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -156,12 +206,23 @@ macro_rules! dot32 {
             // SAFETY: per the caller.
             unsafe { dot_rows_32::<$block, R>(w, x) }
         }
+
+        /// # Safety
+        /// AVX2 + FMA + F16C; each weight row holds as many whole blocks as every row of `x`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $tile(
+            w: &[&[u8]; TILE_W],
+            x: &[&Q8_0Row; TILE_X],
+        ) -> [[f32; TILE_W]; TILE_X] {
+            // SAFETY: per the caller.
+            unsafe { dot_tile_32::<$block>(w, x) }
+        }
     };
 }
 
-dot32!(dot_q8_0, Q8_0);
-dot32!(dot_q4_0, Q4_0);
-dot32!(dot_q5_0, Q5_0);
+dot32!(dot_q8_0, tile_q8_0, Q8_0);
+dot32!(dot_q4_0, tile_q4_0, Q4_0);
+dot32!(dot_q5_0, tile_q5_0, Q5_0);
 
 /// The f16 at byte `at` of `b`, widened (the scalar conversion; once per block and row).
 #[inline(always)]
