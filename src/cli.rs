@@ -299,6 +299,19 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize a safetensors checkpoint's matrices at load, as llama-quantize would (CPU):
+    /// q8_0, q4_0, q5_0, q4_k, q5_k or q6_k. The lm_head (or the embedding table tied to it)
+    /// gets q6_k (q8_0 for q8_0, or where rows are not whole 256-blocks); k-quants fall back to
+    /// q5_0/q8_0 for rows that are not; norms stay as they are.
+    #[arg(long, value_parser = parse_quantization)]
+    pub quantization: Option<ember_kernels::GgmlType>,
+}
+
+/// `--quantization`.
+fn parse_quantization(s: &str) -> Result<ember_kernels::GgmlType, String> {
+    ember_kernels::GgmlType::parse_quantized(s).ok_or_else(|| {
+        format!("unknown quantization {s:?}: expected q8_0, q4_0, q5_0, q4_k, q5_k or q6_k")
+    })
 }
 
 #[derive(Debug, Args)]

@@ -197,6 +197,7 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, DeviceSpec)> {
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     let options = LoadOptions {
         tokenizer: args.tokenizer.clone(),
+        quantization: args.quantization,
     };
     let loaded = LoadedModel::load_with(
         &args.model,

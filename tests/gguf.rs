@@ -83,6 +83,7 @@ fn a_tokenizer_directory_overrides_the_file_s() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
     let options = LoadOptions {
         tokenizer: Some(dir),
+        ..LoadOptions::default()
     };
     let loaded = load(&gguf("qwen2-q8_0.gguf"), &options).unwrap();
     assert!(loaded.template.is_some());
@@ -133,4 +134,41 @@ fn bad_files_are_clear_errors() {
     assert!(err.contains("truncated"), "{err}");
     let _ = std::fs::remove_file(not_gguf);
     let _ = std::fs::remove_file(cut);
+}
+
+/// `--quantization` through the binary: the startup log says what was quantized to which type
+/// (64-wide fixture rows are not whole 256-blocks: q4_K falls back to q5_0, the untied lm_head
+/// to q8_0); a type Ember does not quantize to, and a GGUF file, are clear errors.
+#[test]
+fn quantization_at_load_through_the_binary() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-untied");
+    let run = |model: &str, ty: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["generate", "--model", model, "--quantization", ty])
+            .args([
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ])
+            .env("RUST_LOG", "ember=info")
+            .output()
+            .unwrap()
+    };
+    let out = run(dir.to_str().unwrap(), "q4_k");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("quantized at load to q4_K:"), "{log}");
+    assert!(log.contains("matrices to q5_0"), "{log}");
+    assert!(log.contains("matrices to q8_0"), "{log}");
+    assert!(log.contains("lm_head.weight"), "{log}");
+    let out = run(dir.to_str().unwrap(), "q4_1");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantization"));
+    let out = run(gguf("qwen2-q8_0.gguf").to_str().unwrap(), "q8_0");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("GGUF file"), "{log}");
 }

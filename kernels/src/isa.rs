@@ -13,7 +13,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C: 8-lane f32 FMAs; bf16 and f16 weights widened in registers.
     Avx2,
-    /// AVX-512 F/BW/VL: 16-lane f32 FMAs; masked tails.
+    /// AVX-512 F/BW/VL: 16-lane f32 FMAs; masked tails; the quantized dot products take VNNI's
+    /// `vpdpbusd` where the CPU has it.
     Avx512,
     /// AVX-512 BF16: bf16 × bf16 dot products in hardware (`vdpbf16ps`).
     Avx512Bf16,

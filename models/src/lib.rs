@@ -17,7 +17,8 @@ pub use error::{ModelError, Result};
 pub use gguf::GgufFile;
 pub use kv_cache::{ContiguousKvCache, KvCache, PagedKvCache};
 pub use loader::{
-    eos_token_ids, load_gguf_model, load_model, resolve, resolve_with, HubOptions, ModelFiles,
+    eos_token_ids, load_gguf_model, load_model, load_model_quantized, resolve, resolve_with,
+    HubOptions, ModelFiles,
 };
 pub use qwen::QwenModel;
-pub use weights::Weights;
+pub use weights::{MatrixRole, QuantizedMatrix, Weights};

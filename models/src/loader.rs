@@ -19,7 +19,9 @@ use crate::config::{parse_token_ids, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufTensors};
 use crate::qwen::QwenModel;
-use crate::weights::Weights;
+use ember_kernels::GgmlType;
+
+use crate::weights::{InSitu, QuantizedMatrix, Weights};
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
@@ -327,6 +329,28 @@ pub fn eos_token_ids(files: &ModelFiles, cfg: &ModelConfig) -> Result<Vec<u32>> 
 
 /// Parses the config and memory-maps the weights into a model of `dtype` on `device`.
 pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<QwenModel> {
+    Ok(load_model_quantized(files, dtype, device, None)?.0)
+}
+
+/// [`load_model`], with the matrices quantized to `quantization` at load where it is given (on
+/// the CPU; see [`crate::weights::MatrixRole`] for which type each gets): the model and what
+/// was quantized.
+pub fn load_model_quantized(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    quantization: Option<GgmlType>,
+) -> Result<(QwenModel, Vec<QuantizedMatrix>)> {
+    if let Some(ty) = quantization {
+        if !device.is_cpu() {
+            return Err(ModelError::Unsupported(format!(
+                "--quantization {ty} runs on the CPU only (quantized kernels are CPU kernels)"
+            )));
+        }
+        if !ty.is_quantized() {
+            return Err(ModelError::Unsupported(format!("quantization to {ty}")));
+        }
+    }
     let cfg = ModelConfig::from_file(&files.config)?;
     // SAFETY: the safetensors files are mapped read-only; like every mmap-based loader we rely on
     // nobody truncating or rewriting them while the process runs.
@@ -337,7 +361,13 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Q
         device.clone(),
     );
     // Weights repacked for the CPU matmul are packed from the mapping itself (crate::weights).
-    Ok(QwenModel::load(&cfg, Weights::mapped(vb, tensors))?)
+    let mut weights = Weights::mapped(vb, tensors);
+    let in_situ = quantization.map(InSitu::new);
+    if let Some(q) = &in_situ {
+        weights = weights.with_in_situ(q.clone());
+    }
+    let model = QwenModel::load(&cfg, weights)?;
+    Ok((model, in_situ.map(|q| q.report()).unwrap_or_default()))
 }
 
 /// Builds the model a GGUF file holds (its metadata gives the config) as a model of `dtype` on

@@ -104,11 +104,10 @@ impl QwenModel {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(
+            Some(Linear::load_output(
                 &vb.pp("lm_head"),
                 cfg.hidden_size,
                 cfg.vocab_size,
-                false,
             )?)
         };
         Ok(Self {

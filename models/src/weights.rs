@@ -6,12 +6,12 @@
 //! serve`'s start-up, and twice the peak memory while loading.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
-use ember_kernels::{HostRows, PackedWeight, QuantWeight};
+use ember_kernels::{GgmlType, HostRows, PackedWeight, QuantWeight};
 
 use crate::gguf::GgufTensors;
 use half::{bf16, f16};
@@ -23,6 +23,60 @@ pub struct Weights<'a> {
     mapped: Option<Arc<MmapedSafetensors>>,
     /// A GGUF file: its quantized matrices are used as they are on the CPU.
     gguf: Option<GgufTensors>,
+    /// `--quantization`: matrices quantized at load.
+    in_situ: Option<InSitu>,
+}
+
+/// What a matrix is, for the type in-situ quantization gives it (llama.cpp's rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixRole {
+    /// Attention and MLP projections, an untied embedding table: the requested type, or its
+    /// fallback ([`GgmlType::for_row_len`]).
+    Projection,
+    /// The lm_head, or the embedding table tied to it: [`GgmlType::for_output`].
+    Output,
+}
+
+/// One matrix quantized at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizedMatrix {
+    pub name: String,
+    pub ty: GgmlType,
+    /// In the checkpoint.
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// In-situ quantization of a checkpoint's matrices at load, and the record of what it did.
+#[derive(Debug, Clone)]
+pub struct InSitu {
+    ty: GgmlType,
+    done: Arc<Mutex<Vec<QuantizedMatrix>>>,
+}
+
+impl InSitu {
+    /// Quantize to `ty` (one of [`GgmlType::parse_quantized`]'s types).
+    pub fn new(ty: GgmlType) -> Self {
+        Self {
+            ty,
+            done: Arc::default(),
+        }
+    }
+
+    /// The matrices quantized so far, in checkpoint order.
+    pub fn report(&self) -> Vec<QuantizedMatrix> {
+        let mut done = self.done.lock().map(|d| d.clone()).unwrap_or_default();
+        done.sort_by(|a, b| a.name.cmp(&b.name));
+        done
+    }
+
+    /// The type a matrix of rows of `k` gets.
+    pub fn type_for(&self, role: MatrixRole, k: usize) -> Option<GgmlType> {
+        match role {
+            MatrixRole::Projection => self.ty.for_row_len(k),
+            MatrixRole::Output => self.ty.for_output(k),
+        }
+    }
 }
 
 impl<'a> From<VarBuilder<'a>> for Weights<'a> {
@@ -32,6 +86,7 @@ impl<'a> From<VarBuilder<'a>> for Weights<'a> {
             vb,
             mapped: None,
             gguf: None,
+            in_situ: None,
         }
     }
 }
@@ -51,6 +106,23 @@ impl<'a> Weights<'a> {
             vb,
             mapped: Some(mapped),
             gguf: None,
+            in_situ: None,
+        }
+    }
+
+    /// Quantize the matrices (on the CPU) as `in_situ` says, instead of keeping them dense.
+    pub fn with_in_situ(self, in_situ: InSitu) -> Self {
+        Self {
+            in_situ: Some(in_situ),
+            ..self
+        }
+    }
+
+    /// The same weights, none quantized at load (a MoE router, kept as llama.cpp keeps it).
+    pub fn unquantized(&self) -> Self {
+        Self {
+            in_situ: None,
+            ..self.clone()
         }
     }
 
@@ -61,6 +133,7 @@ impl<'a> Weights<'a> {
             vb,
             mapped: None,
             gguf: Some(tensors),
+            in_situ: None,
         }
     }
 
@@ -70,7 +143,57 @@ impl<'a> Weights<'a> {
             vb: self.vb.pp(s),
             mapped: self.mapped.clone(),
             gguf: self.gguf.clone(),
+            in_situ: self.in_situ.clone(),
         }
+    }
+
+    /// `<part>.weight` of each part (`rows[i]` × `cols`) quantized at load, when in-situ
+    /// quantization is on, on the CPU, and `cols` is whole blocks of the type `role` gets (else
+    /// `None`: the caller loads dense weights). Each matrix is read as f32 (exactly, from any
+    /// checkpoint dtype) and quantized row by row, as llama-quantize does.
+    pub fn quantized_in_situ(
+        parts: &[Weights],
+        rows: &[usize],
+        cols: usize,
+        role: MatrixRole,
+    ) -> Result<Option<Vec<QuantWeight>>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let (Some(in_situ), true) = (&first.in_situ, first.vb.device().is_cpu()) else {
+            return Ok(None);
+        };
+        let Some(ty) = in_situ.type_for(role, cols) else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(parts.len());
+        for (part, &n) in parts.iter().zip(rows) {
+            let name = part.path("weight");
+            let weight = part
+                .vb
+                .clone()
+                .set_dtype(DType::F32)
+                .get((n, cols), "weight")?;
+            let stored = part
+                .mapped
+                .as_ref()
+                .and_then(|m| m.get(&name).ok())
+                .map(|v| v.data().len())
+                .unwrap_or(n * cols * part.vb.dtype().size_in_bytes());
+            let values = weight.flatten_all()?.to_vec1::<f32>()?;
+            let q = QuantWeight::quantize(ty, &values, n, cols)
+                .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+            if let Ok(mut done) = in_situ.done.lock() {
+                done.push(QuantizedMatrix {
+                    name,
+                    ty,
+                    bytes_before: stored,
+                    bytes_after: q.size_in_bytes(),
+                });
+            }
+            out.push(q);
+        }
+        Ok(Some(out))
     }
 
     /// `<part>.weight` of each part (`rows[i]` × `cols`) as quantized matrices, one per part,

@@ -10,8 +10,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
+use ember_kernels::GgmlType;
 use ember_models::gguf::MetaValue;
-use ember_models::{eos_token_ids, load_gguf_model, load_model, resolve, GgufFile, QwenModel};
+use ember_models::{
+    eos_token_ids, load_gguf_model, load_model_quantized, resolve, GgufFile, QuantizedMatrix,
+    QwenModel,
+};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -57,6 +61,47 @@ pub struct LoadOptions {
     /// A directory with tokenizer.json (and tokenizer_config.json for the chat template) to
     /// use instead of the checkpoint's.
     pub tokenizer: Option<PathBuf>,
+    /// Quantize a safetensors checkpoint's matrices to this type at load (CPU).
+    pub quantization: Option<GgmlType>,
+}
+
+/// The startup log of in-situ quantization: per type, how many matrices and their bytes before
+/// and after; which matrices took a fallback type.
+fn log_quantization(requested: GgmlType, report: &[QuantizedMatrix]) {
+    let mut by_type: std::collections::BTreeMap<&str, (usize, usize, usize)> = Default::default();
+    for m in report {
+        let e = by_type.entry(m.ty.name()).or_default();
+        *e = (e.0 + 1, e.1 + m.bytes_before, e.2 + m.bytes_after);
+    }
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    for (ty, (count, before, after)) in &by_type {
+        tracing::info!(
+            "quantized at load: {count} matrices to {ty}, {:.1} MiB -> {:.1} MiB",
+            mib(*before),
+            mib(*after)
+        );
+    }
+    let others: Vec<&str> = report
+        .iter()
+        .filter(|m| m.ty != requested)
+        .map(|m| m.name.as_str())
+        .collect();
+    if !others.is_empty() {
+        tracing::info!(
+            "not {requested} (llama.cpp's rules: the output matrix; rows that are not whole \
+             {requested} blocks): {}",
+            others.join(", ")
+        );
+    }
+    let (before, after) = report
+        .iter()
+        .fold((0, 0), |(b, a), m| (b + m.bytes_before, a + m.bytes_after));
+    tracing::info!(
+        "quantized at load to {requested}: {} matrices, {:.1} MiB -> {:.1} MiB",
+        report.len(),
+        mib(before),
+        mib(after)
+    );
 }
 
 /// The tokenizer (and chat template, if any) of a tokenizer directory.
@@ -96,6 +141,12 @@ impl LoadedModel {
         options: &LoadOptions,
     ) -> Result<Self> {
         if Path::new(model).is_file() {
+            if let Some(ty) = options.quantization {
+                bail!(
+                    "--quantization {ty} quantizes a safetensors checkpoint at load; {model} is a \
+                     GGUF file, already in its own types"
+                );
+            }
             return Self::load_gguf(Path::new(model), device, dtype, options);
         }
         let mut files = resolve(model, revision)?;
@@ -116,8 +167,12 @@ impl LoadedModel {
                 t
             });
             let start = Instant::now();
-            let model = load_model(&files, dtype, &dev)
-                .with_context(|| format!("loading weights from {}", files.root.display()))?;
+            let (model, quantized) =
+                load_model_quantized(&files, dtype, &dev, options.quantization)
+                    .with_context(|| format!("loading weights from {}", files.root.display()))?;
+            if let Some(ty) = options.quantization {
+                log_quantization(ty, &quantized);
+            }
             tracing::info!(
                 seconds = start.elapsed().as_secs_f32(),
                 ?dtype,

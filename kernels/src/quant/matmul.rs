@@ -38,25 +38,79 @@ enum Dot {
     Q8K(Rows<Q8KRow, 1>, Rows<Q8KRow, GROUP>),
 }
 
-/// Weight rows of a tile (the 32-weight types with several activation rows: each weight block
-/// unpacked once for [`TILE_X`] activation rows; `x86::dot_tile_32`).
-pub(super) const TILE_W: usize = 2;
-/// Activation rows of a tile.
-pub(super) const TILE_X: usize = 3;
+/// Tile shapes (weight rows, activation rows) for the 32-weight types when several activation
+/// rows read each weight block (`x86::dot_tile_32`: each block unpacked once per tile). AVX2
+/// has 16 vector registers: 2 × 3 accumulators and their operands fit (4 × 4 and 2 × 4
+/// spilled, measured slower); AVX-512 has 32.
+pub(super) const AVX2_TILE: (usize, usize) = (2, 3);
+pub(super) const VNNI_TILE: (usize, usize) = (4, 4);
 
-/// A tile kernel.
-type TileFn = unsafe fn(&[&[u8]; TILE_W], &[&Q8_0Row; TILE_X]) -> [[f32; TILE_W]; TILE_X];
+/// A tile kernel: `W` weight rows against `X` activation rows.
+type TileFn<const W: usize, const X: usize> =
+    unsafe fn(&[&[u8]; W], &[&Q8_0Row; X]) -> [[f32; W]; X];
+
+/// The tile kernel of a path.
+#[derive(Clone, Copy)]
+enum Tile {
+    Avx2(TileFn<{ AVX2_TILE.0 }, { AVX2_TILE.1 }>),
+    Vnni(TileFn<{ VNNI_TILE.0 }, { VNNI_TILE.1 }>),
+}
+
+/// Runs `f` over every whole tile of `rows` (weight rows) × `acts` (activation rows), writing
+/// each result through `write(column, activation row, value)`; returns how many activation rows
+/// and weight rows the tiles covered.
+fn run_tiles<const W: usize, const X: usize>(
+    f: TileFn<W, X>,
+    rows: &[&[u8]],
+    acts: &[Q8_0Row],
+    write: &impl Fn(usize, usize, f32),
+) -> (usize, usize) {
+    let (tiled_x, tiled_w) = (acts.len() / X * X, rows.len() / W * W);
+    for i0 in (0..tiled_x).step_by(X) {
+        let x: [&Q8_0Row; X] = std::array::from_fn(|i| &acts[i0 + i]);
+        for r0 in (0..tiled_w).step_by(W) {
+            let w: [&[u8]; W] = std::array::from_fn(|r| rows[r0 + r]);
+            // SAFETY: `tile_kernel` chose a kernel this CPU runs; whole rows of the weight type,
+            // activation rows in Q8_0 of k values.
+            let v = unsafe { f(&w, &x) };
+            for (i, vi) in v.iter().enumerate() {
+                for (r, &vr) in vi.iter().enumerate() {
+                    write(r0 + r, i0 + i, vr);
+                }
+            }
+        }
+    }
+    (tiled_x, tiled_w)
+}
+
+/// Whether the dot products use AVX-512 VNNI's `vpdpbusd` (4 byte products summed into an i32
+/// lane in one instruction, where AVX2 takes two): on the AVX-512 paths of a CPU that has it.
+/// The integers are the AVX2 path's, so are the results.
+#[cfg(target_arch = "x86_64")]
+fn vnni(isa: Isa) -> bool {
+    isa >= Isa::Avx512 && isa.is_supported() && std::arch::is_x86_feature_detected!("avx512vnni")
+}
 
 /// The tile kernel of a weight type on a path, where there is one.
-fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<TileFn> {
+fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<Tile> {
     {
+        #[cfg(target_arch = "x86_64")]
+        if vnni(isa) {
+            use super::x86;
+            return match ty {
+                GgmlType::Q8_0 => Some(Tile::Vnni(x86::tile_q8_0_vnni)),
+                GgmlType::Q4_0 => Some(Tile::Vnni(x86::tile_q4_0_vnni)),
+                GgmlType::Q5_0 => Some(Tile::Vnni(x86::tile_q5_0_vnni)),
+                _ => None,
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 && isa.is_supported() {
             use super::x86;
             return match ty {
-                GgmlType::Q8_0 => Some(x86::tile_q8_0),
-                GgmlType::Q4_0 => Some(x86::tile_q4_0),
-                GgmlType::Q5_0 => Some(x86::tile_q5_0),
+                GgmlType::Q8_0 => Some(Tile::Avx2(x86::tile_q8_0)),
+                GgmlType::Q4_0 => Some(Tile::Avx2(x86::tile_q4_0)),
+                GgmlType::Q5_0 => Some(Tile::Avx2(x86::tile_q5_0)),
                 _ => None,
             };
         }
@@ -79,6 +133,22 @@ fn portable<A, const R: usize>(f: fn(&[u8], &A) -> f32) -> impl Fn(&[&[u8]; R], 
 
 impl Dot {
     fn new(ty: GgmlType, isa: Isa) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if vnni(isa) {
+            use super::x86;
+            match ty {
+                GgmlType::Q8_0 => {
+                    return Self::Q8_0(x86::dot_q8_0_vnni::<1>, x86::dot_q8_0_vnni::<GROUP>)
+                }
+                GgmlType::Q4_0 => {
+                    return Self::Q8_0(x86::dot_q4_0_vnni::<1>, x86::dot_q4_0_vnni::<GROUP>)
+                }
+                GgmlType::Q5_0 => {
+                    return Self::Q8_0(x86::dot_q5_0_vnni::<1>, x86::dot_q5_0_vnni::<GROUP>)
+                }
+                _ => {}
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 && isa.is_supported() {
             use super::x86;
@@ -147,6 +217,31 @@ impl QuantWeight {
         })
     }
 
+    /// `x` (n × k, row-major) quantized to `ty` as llama.cpp's reference quantizer does
+    /// ([`super::quantize`]), rows split over the pool.
+    pub fn quantize(ty: GgmlType, x: &[f32], n: usize, k: usize) -> Result<Self, QuantError> {
+        if !ty.is_quantized() {
+            return Err(QuantError(format!("{ty} is not a quantized type")));
+        }
+        let row = ty.row_bytes(k).filter(|&r| r > 0).ok_or_else(|| {
+            QuantError(format!(
+                "rows of {k} are not whole {ty} blocks of {}",
+                ty.block_len()
+            ))
+        })?;
+        if n.checked_mul(k) != Some(x.len()) {
+            return Err(QuantError(format!(
+                "{} values are not {n} rows of {k}",
+                x.len()
+            )));
+        }
+        let mut data = vec![0u8; n * row];
+        data.par_chunks_mut(row)
+            .zip(x.par_chunks(k))
+            .for_each(|(out, x)| super::quantize::quantize_row(ty, x, out));
+        Ok(Self { ty, n, k, data })
+    }
+
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -159,6 +254,11 @@ impl QuantWeight {
     /// Input width (k).
     pub fn cols(&self) -> usize {
         self.k
+    }
+
+    /// The rows as GGUF stores them.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -243,28 +343,16 @@ impl QuantWeight {
                 };
                 // Tiles where there are several activation rows and a tile kernel; then what
                 // is left, row group by row group. The same arithmetic for every output.
+                let tile_write = |col: usize, i: usize, v: f32| write(c0 + col, i, v);
                 let (tiled_x, tiled_w) = match (tile, &acts) {
-                    (Some(_), QuantActs::Q8_0(_)) => {
-                        (m / TILE_X * TILE_X, rows.len() / TILE_W * TILE_W)
+                    (Some(Tile::Avx2(f)), QuantActs::Q8_0(a)) if m > 1 => {
+                        run_tiles(f, &rows, a.as_slice(), &tile_write)
+                    }
+                    (Some(Tile::Vnni(f)), QuantActs::Q8_0(a)) if m > 1 => {
+                        run_tiles(f, &rows, a.as_slice(), &tile_write)
                     }
                     _ => (0, 0),
                 };
-                if let (Some(f), QuantActs::Q8_0(a)) = (tile, &acts) {
-                    for i0 in (0..tiled_x).step_by(TILE_X) {
-                        let x: [&Q8_0Row; TILE_X] = std::array::from_fn(|i| &a[i0 + i]);
-                        for r0 in (0..tiled_w).step_by(TILE_W) {
-                            let w: [&[u8]; TILE_W] = std::array::from_fn(|r| rows[r0 + r]);
-                            // SAFETY: `tile_kernel` chose a kernel this CPU runs; whole rows of
-                            // the weight type, activation rows in Q8_0 of k values.
-                            let v = unsafe { f(&w, &x) };
-                            for (i, vi) in v.iter().enumerate() {
-                                for (r, &vr) in vi.iter().enumerate() {
-                                    write(c0 + r0 + r, i0 + i, vr);
-                                }
-                            }
-                        }
-                    }
-                }
                 for i in 0..m {
                     // What the tiles left of this activation row.
                     let first = if i < tiled_x { tiled_w } else { 0 };
@@ -410,6 +498,28 @@ mod tests {
                 for i in 0..m {
                     let one = run(&w, isa, &x[i * k..(i + 1) * k], 1, None);
                     assert_eq!(one[..], all[i * n..(i + 1) * n], "{ty} {isa} row {i}");
+                }
+            }
+        }
+    }
+
+    /// The x86 paths compute the same integers (AVX-512 with VNNI, where the CPU has it, sums
+    /// byte products in one instruction, AVX2 in two) and the same f32 operations: their results
+    /// are equal bit for bit, in decode (one row) and in tiles (several).
+    #[test]
+    fn x86_paths_agree_bit_for_bit() {
+        let paths: Vec<Isa> = crate::supported_isas()
+            .into_iter()
+            .filter(|&i| i >= Isa::Avx2)
+            .collect();
+        let (n, k) = (21, 512);
+        for m in [1, 7] {
+            let x = activations(m, k);
+            for ty in TYPES {
+                let w = weight(ty, n, k, 11);
+                let outs: Vec<Vec<f32>> = paths.iter().map(|&i| run(&w, i, &x, m, None)).collect();
+                for (isa, out) in paths.iter().zip(&outs).skip(1) {
+                    assert_eq!(out, &outs[0], "{ty} {isa} vs {} m {m}", paths[0]);
                 }
             }
         }

@@ -10,6 +10,7 @@ mod act;
 mod blocks;
 mod dot;
 mod matmul;
+mod quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -174,6 +175,42 @@ impl GgmlType {
             Q6K => blocks::Q6K_BYTES,
             _ => 0,
         }
+    }
+
+    /// The type `--quantization NAME` asks for: one of the quantized types Ember computes with,
+    /// by its ggml name in any case (`q8_0`, `q4_k`, `Q6_K`, ...).
+    pub fn parse_quantized(name: &str) -> Option<Self> {
+        use GgmlType::*;
+        [Q8_0, Q4_0, Q5_0, Q4K, Q5K, Q6K]
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// The type llama.cpp's quantizer stores a matrix of rows of `k` in when asked for `self`
+    /// (`llama-quant.cpp`): a k-quant falls back where `k` is not a multiple of 256 — Q4_K to
+    /// Q5_0, Q6_K to Q8_0, and Q5_K to Q5_0 (llama.cpp uses Q5_1, the same five bits plus an
+    /// offset, which Ember does not compute with). `None` where even the fallback's blocks of
+    /// 32 do not divide `k`: the matrix stays unquantized.
+    pub fn for_row_len(self, k: usize) -> Option<Self> {
+        use GgmlType::*;
+        let ty = match self {
+            Q4K | Q5K if k % 256 != 0 => Q5_0,
+            Q6K if k % 256 != 0 => Q8_0,
+            t => t,
+        };
+        Some(ty).filter(|t| t.is_quantized() && t.row_bytes(k).is_some_and(|r| r > 0))
+    }
+
+    /// The type llama.cpp gives the output matrix (lm_head, or the embedding table it is tied
+    /// to) when asked for `self`: Q8_0 if that was asked for or rows of `k` are not whole Q6_K
+    /// blocks, else Q6_K (the logits are the most sensitive product).
+    pub fn for_output(self, k: usize) -> Option<Self> {
+        let ty = if self == GgmlType::Q8_0 || k % 256 != 0 {
+            GgmlType::Q8_0
+        } else {
+            GgmlType::Q6K
+        };
+        ty.for_row_len(k)
     }
 
     /// Bytes of a row of `k` elements, or `None` when `k` is not a whole number of blocks (or

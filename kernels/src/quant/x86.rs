@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::act::{Q8KRow, Q8_0Row};
 use super::blocks::{Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES};
-use super::matmul::{TILE_W, TILE_X};
+use super::matmul::{AVX2_TILE, VNNI_TILE};
 
 /// The f16 at `p`, widened exactly: its bits moved into an f32 (sign, then exponent and
 /// mantissa 13 places up) and scaled by 2^112, the difference of the exponent biases, which
@@ -37,13 +37,28 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Σ w·x over 32 signed bytes each, as 8 i32 lanes (pairs of i16 sums, which cannot overflow
-/// for |w|, |x| ≤ 127 and w ≥ -128 only where x ≤ 127).
+/// Σ u·s over groups of 4 (unsigned × signed bytes) as 8 i32 lanes: with VNNI one `vpdpbusd`,
+/// else `vpmaddubsw` into i16 pairs (which cannot saturate for the operands here: |s| ≤ 127,
+/// u ≤ 128) and `vpmaddwd` by ones. The same integers either way.
+///
+/// # Safety
+/// AVX2; with `VNNI`, AVX-512 VNNI and VL (the caller's target features).
 #[inline(always)]
-unsafe fn dot_i8(w: __m256i, x: __m256i) -> __m256i {
+unsafe fn sum4<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+}
+
+/// Σ w·x over 32 signed bytes each, as 8 i32 lanes: |w| times x with w's sign (x ≥ -127, so
+/// the products fit [`sum4`]'s bounds).
+#[inline(always)]
+unsafe fn dot_i8<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
     let aw = _mm256_sign_epi8(w, w);
     let sx = _mm256_sign_epi8(x, w);
-    _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
+    unsafe { sum4::<VNNI>(aw, sx) }
 }
 
 /// 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones.
@@ -78,9 +93,17 @@ unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
 /// bytes (the f16 scale is its first two bytes).
 trait Block32 {
     const BYTES: usize;
+    /// The types stored as unsigned levels `q` with weights `q - OFFSET` (Q4_0: 8, Q5_0: 16);
+    /// 0 for Q8_0, stored signed.
+    const OFFSET: i8;
     /// # Safety
     /// AVX2; `p` points at a whole block.
     unsafe fn weights(p: *const u8) -> __m256i;
+    /// The unsigned levels (where `OFFSET` > 0).
+    ///
+    /// # Safety
+    /// AVX2; `p` points at a whole block.
+    unsafe fn levels(p: *const u8) -> __m256i;
 }
 
 struct Q8_0;
@@ -89,24 +112,37 @@ struct Q5_0;
 
 impl Block32 for Q8_0 {
     const BYTES: usize = Q8_0_BYTES;
+    const OFFSET: i8 = 0;
     #[inline(always)]
     unsafe fn weights(p: *const u8) -> __m256i {
         // SAFETY (caller): 32 weight bytes after the 2-byte scale.
         unsafe { load256(p.add(2)) }
     }
+    #[inline(always)]
+    unsafe fn levels(p: *const u8) -> __m256i {
+        // SAFETY (caller): as `weights` (unused: Q8_0 is signed).
+        unsafe { Self::weights(p) }
+    }
 }
 
 impl Block32 for Q4_0 {
     const BYTES: usize = Q4_0_BYTES;
+    const OFFSET: i8 = 8;
     #[inline(always)]
     unsafe fn weights(p: *const u8) -> __m256i {
+        // SAFETY (caller): a whole block.
+        _mm256_sub_epi8(unsafe { Self::levels(p) }, _mm256_set1_epi8(8))
+    }
+    #[inline(always)]
+    unsafe fn levels(p: *const u8) -> __m256i {
         // SAFETY (caller): 16 bytes of nibbles after the scale.
-        _mm256_sub_epi8(unsafe { nibbles(p.add(2)) }, _mm256_set1_epi8(8))
+        unsafe { nibbles(p.add(2)) }
     }
 }
 
 impl Block32 for Q5_0 {
     const BYTES: usize = Q5_0_BYTES;
+    const OFFSET: i8 = 16;
     #[inline(always)]
     unsafe fn weights(p: *const u8) -> __m256i {
         // SAFETY (caller): 4 bytes of high bits, then 16 of nibbles, after the scale.
@@ -117,6 +153,12 @@ impl Block32 for Q5_0 {
             _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
         )
     }
+    #[inline(always)]
+    unsafe fn levels(p: *const u8) -> __m256i {
+        // SAFETY (caller): as `weights`.
+        let (low, high) = unsafe { (nibbles(p.add(6)), bits_to_bytes(p.add(2))) };
+        _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+    }
 }
 
 /// `R` weight rows of 32-blocks against one Q8_0 activation row: per block the activations are
@@ -125,7 +167,10 @@ impl Block32 for Q5_0 {
 /// # Safety
 /// AVX2 + FMA + F16C; every row holds `x.d.len()` whole blocks and `x.q` as many 32s.
 #[inline(always)]
-unsafe fn dot_rows_32<B: Block32, const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+unsafe fn dot_rows_32<B: Block32, const R: usize, const VNNI: bool>(
+    w: &[&[u8]; R],
+    x: &Q8_0Row,
+) -> [f32; R] {
     let nb = x.d.len();
     debug_assert!(x.q.len() >= 32 * nb && w.iter().all(|r| r.len() >= nb * B::BYTES));
     let mut acc = [_mm256_setzero_ps(); R];
@@ -136,7 +181,7 @@ unsafe fn dot_rows_32<B: Block32, const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -
             let dx = *x.d.get_unchecked(b);
             for r in 0..R {
                 let p = w[r].as_ptr().add(b * B::BYTES);
-                let s = _mm256_cvtepi32_ps(dot_i8(B::weights(p), xv));
+                let s = _mm256_cvtepi32_ps(dot_i8::<VNNI>(B::weights(p), xv));
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(p) * dx), s, acc[r]);
             }
         }
@@ -148,49 +193,80 @@ unsafe fn dot_rows_32<B: Block32, const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -
     out
 }
 
-/// A tile: [`TILE_W`] weight rows against [`TILE_X`] activation rows, each weight block
-/// unpacked once for all activation rows and each activation block loaded once for all weight
-/// rows. Each output's accumulator takes exactly the operations [`dot_rows_32`] gives it (the
-/// same integers, the same product of scales, one FMA per block), so a tile's results are
-/// those of the row-at-a-time path, bit for bit.
+/// `acc` + Σ u·s over groups of 4, as [`sum4`] computes the sums.
+///
+/// # Safety
+/// As [`sum4`].
+#[inline(always)]
+unsafe fn sum4_onto<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(acc, u, s)
+    } else {
+        // SAFETY: per the caller.
+        _mm256_add_epi32(acc, unsafe { sum4::<false>(u, s) })
+    }
+}
+
+/// A tile: `W` weight rows against `X` activation rows, each weight block unpacked once for
+/// all activation rows and each activation block loaded once for all weight rows. Q4_0/Q5_0
+/// take their unsigned levels as they are and start each sum from -OFFSET·Σx (per lane, once
+/// per activation block), Q8_0 moves the weights' signs onto the activations; either way each
+/// i32 lane holds the same Σ w·x over the same 4 products as [`dot_rows_32`]'s, and each
+/// output's accumulator takes the same FMA per block (the scale product is the same f32
+/// multiply, in a vector), so a tile's results are the row path's, bit for bit.
 ///
 /// # Safety
 /// As [`dot_rows_32`], for every row of `x`.
 #[inline(always)]
-unsafe fn dot_tile_32<B: Block32>(
-    w: &[&[u8]; TILE_W],
-    x: &[&Q8_0Row; TILE_X],
-) -> [[f32; TILE_W]; TILE_X] {
+unsafe fn dot_tile_32<B: Block32, const W: usize, const X: usize, const VNNI: bool>(
+    w: &[&[u8]; W],
+    x: &[&Q8_0Row; X],
+) -> [[f32; W]; X] {
     let nb = x[0].d.len();
     debug_assert!(x.iter().all(|x| x.d.len() == nb && x.q.len() >= 32 * nb));
     debug_assert!(w.iter().all(|r| r.len() >= nb * B::BYTES));
-    let mut acc = [[_mm256_setzero_ps(); TILE_W]; TILE_X];
+    let mut acc = [[_mm256_setzero_ps(); W]; X];
     for b in 0..nb {
         // SAFETY: block b of each weight row and of each activation row, per the caller.
         unsafe {
-            let mut wv = [_mm256_setzero_si256(); TILE_W];
-            let mut aw = [_mm256_setzero_si256(); TILE_W];
-            let mut dw = [0f32; TILE_W];
-            for r in 0..TILE_W {
+            // Unsigned operands (levels, or |w| for Q8_0) and Q8_0's signed weights.
+            let mut wu = [_mm256_setzero_si256(); W];
+            let mut ws = [_mm256_setzero_si256(); W];
+            let mut dw = [_mm256_setzero_ps(); W];
+            for r in 0..W {
                 let p = w[r].as_ptr().add(b * B::BYTES);
-                wv[r] = B::weights(p);
-                aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
-                dw[r] = f16_at(p);
+                if B::OFFSET > 0 {
+                    wu[r] = B::levels(p);
+                } else {
+                    ws[r] = B::weights(p);
+                    wu[r] = _mm256_sign_epi8(ws[r], ws[r]);
+                }
+                dw[r] = _mm256_set1_ps(f16_at(p));
             }
-            for i in 0..TILE_X {
+            for i in 0..X {
                 let xv = load256(x[i].q.as_ptr().add(32 * b) as *const u8);
-                let dx = *x[i].d.get_unchecked(b);
-                for r in 0..TILE_W {
-                    let p16 = _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r]));
-                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-                    acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), s, acc[i][r]);
+                let dx = _mm256_set1_ps(*x[i].d.get_unchecked(b));
+                let start = if B::OFFSET > 0 {
+                    let off = sum4::<VNNI>(_mm256_set1_epi8(B::OFFSET), xv);
+                    _mm256_sub_epi32(_mm256_setzero_si256(), off)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for r in 0..W {
+                    let sx = if B::OFFSET > 0 {
+                        xv
+                    } else {
+                        _mm256_sign_epi8(xv, ws[r])
+                    };
+                    let s = _mm256_cvtepi32_ps(sum4_onto::<VNNI>(start, wu[r], sx));
+                    acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dx), s, acc[i][r]);
                 }
             }
         }
     }
-    let mut out = [[0f32; TILE_W]; TILE_X];
-    for i in 0..TILE_X {
-        for r in 0..TILE_W {
+    let mut out = [[0f32; W]; X];
+    for i in 0..X {
+        for r in 0..W {
             out[i][r] = hsum(acc[i][r]);
         }
     }
@@ -198,31 +274,54 @@ unsafe fn dot_tile_32<B: Block32>(
 }
 
 macro_rules! dot32 {
-    ($name:ident, $tile:ident, $block:ty) => {
+    ($name:ident, $tile:ident, $vnni:ident, $vnni_tile:ident, $block:ty) => {
         /// # Safety
         /// AVX2 + FMA + F16C; each row holds as many whole blocks as `x` has.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn $name<const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
             // SAFETY: per the caller.
-            unsafe { dot_rows_32::<$block, R>(w, x) }
+            unsafe { dot_rows_32::<$block, R, false>(w, x) }
         }
 
         /// # Safety
         /// AVX2 + FMA + F16C; each weight row holds as many whole blocks as every row of `x`.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn $tile(
-            w: &[&[u8]; TILE_W],
-            x: &[&Q8_0Row; TILE_X],
-        ) -> [[f32; TILE_W]; TILE_X] {
+            w: &[&[u8]; AVX2_TILE.0],
+            x: &[&Q8_0Row; AVX2_TILE.1],
+        ) -> [[f32; AVX2_TILE.0]; AVX2_TILE.1] {
             // SAFETY: per the caller.
-            unsafe { dot_tile_32::<$block>(w, x) }
+            unsafe { dot_tile_32::<$block, { AVX2_TILE.0 }, { AVX2_TILE.1 }, false>(w, x) }
+        }
+
+        /// [`$name`] with `vpdpbusd`.
+        ///
+        /// # Safety
+        /// As [`$name`], and AVX-512 F/VL/VNNI.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn $vnni<const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+            // SAFETY: per the caller.
+            unsafe { dot_rows_32::<$block, R, true>(w, x) }
+        }
+
+        /// [`$tile`] with `vpdpbusd`.
+        ///
+        /// # Safety
+        /// As [`$tile`], and AVX-512 F/VL/VNNI.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub unsafe fn $vnni_tile(
+            w: &[&[u8]; VNNI_TILE.0],
+            x: &[&Q8_0Row; VNNI_TILE.1],
+        ) -> [[f32; VNNI_TILE.0]; VNNI_TILE.1] {
+            // SAFETY: per the caller.
+            unsafe { dot_tile_32::<$block, { VNNI_TILE.0 }, { VNNI_TILE.1 }, true>(w, x) }
         }
     };
 }
 
-dot32!(dot_q8_0, tile_q8_0, Q8_0);
-dot32!(dot_q4_0, tile_q4_0, Q4_0);
-dot32!(dot_q5_0, tile_q5_0, Q5_0);
+dot32!(dot_q8_0, tile_q8_0, dot_q8_0_vnni, tile_q8_0_vnni, Q8_0);
+dot32!(dot_q4_0, tile_q4_0, dot_q4_0_vnni, tile_q4_0_vnni, Q4_0);
+dot32!(dot_q5_0, tile_q5_0, dot_q5_0_vnni, tile_q5_0_vnni, Q5_0);
 
 /// The f16 at byte `at` of `b`, widened (the scalar conversion; once per block and row).
 #[inline(always)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{Device, Result, Tensor};
 use ember_kernels::{PackedWeight, QuantWeight};
 
-use crate::weights::Weights;
+use crate::weights::{MatrixRole, Weights};
 
 #[derive(Debug, Clone)]
 pub enum Embedding {
@@ -22,6 +22,15 @@ impl Embedding {
     pub fn load(vb: &Weights, vocab_size: usize, hidden_size: usize, tied: bool) -> Result<Self> {
         let file = std::slice::from_ref(vb);
         if let Some(q) = Weights::quantized_from_file(file, &[vocab_size], hidden_size)? {
+            return Ok(Self::Quantized(q.into()));
+        }
+        // In-situ quantization: a tied table is the output matrix, as in llama.cpp.
+        let role = if tied {
+            MatrixRole::Output
+        } else {
+            MatrixRole::Projection
+        };
+        if let Some(q) = Weights::quantized_in_situ(file, &[vocab_size], hidden_size, role)? {
             return Ok(Self::Quantized(q.into()));
         }
         if tied {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use ember_kernels::{PackedWeight, QuantWeight};
 
-use crate::weights::Weights;
+use crate::weights::{MatrixRole, Weights};
 
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -46,6 +46,18 @@ impl Linear {
         Self::load_merged(std::slice::from_ref(vb), in_dim, &[out_dim], with_bias)
     }
 
+    /// Loads the lm_head (`<vb>.weight`, no bias): in-situ quantization gives it the output
+    /// matrix's type.
+    pub fn load_output(vb: &Weights, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Self::load_as(
+            std::slice::from_ref(vb),
+            in_dim,
+            &[out_dim],
+            false,
+            MatrixRole::Output,
+        )
+    }
+
     /// Loads several projections that read the same input and concatenates them along the
     /// output dimension (q/k/v, gate/up), so one matmul replaces several.
     pub fn load_merged(
@@ -53,6 +65,16 @@ impl Linear {
         in_dim: usize,
         out_dims: &[usize],
         with_bias: bool,
+    ) -> Result<Self> {
+        Self::load_as(vbs, in_dim, out_dims, with_bias, MatrixRole::Projection)
+    }
+
+    fn load_as(
+        vbs: &[Weights],
+        in_dim: usize,
+        out_dims: &[usize],
+        with_bias: bool,
+        role: MatrixRole,
     ) -> Result<Self> {
         let bias = if with_bias {
             let parts = vbs
@@ -64,7 +86,11 @@ impl Linear {
         } else {
             None
         };
-        if let Some(parts) = Weights::quantized_from_file(vbs, out_dims, in_dim)? {
+        let quantized = match Weights::quantized_from_file(vbs, out_dims, in_dim)? {
+            Some(parts) => Some(parts),
+            None => Weights::quantized_in_situ(vbs, out_dims, in_dim, role)?,
+        };
+        if let Some(parts) = quantized {
             return Ok(Self::Quantized {
                 parts: parts.into(),
                 bias: Self::f32_bias(bias)?,

@@ -25,14 +25,15 @@ pub struct SparseMoe {
 impl SparseMoe {
     pub fn load(cfg: &ModelConfig, moe: &MoeConfig, vb: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
-        let router = Linear::load(&vb.pp("gate"), h, moe.num_experts, false)?;
+        // The router (and the shared expert's gate) stay unquantized, as llama.cpp keeps them.
+        let router = Linear::load(&vb.pp("gate").unquantized(), h, moe.num_experts, false)?;
         let experts = (0..moe.num_experts)
             .map(|e| Mlp::load(vb.pp("experts").pp(e), h, moe.moe_intermediate_size))
             .collect::<Result<Vec<_>>>()?;
         let shared = match moe.shared_expert_intermediate_size {
             Some(size) => Some(SharedExpert {
                 mlp: Mlp::load(vb.pp("shared_expert"), h, size)?,
-                gate: Linear::load(&vb.pp("shared_expert_gate"), h, 1, false)?,
+                gate: Linear::load(&vb.pp("shared_expert_gate").unquantized(), h, 1, false)?,
             }),
             None => None,
         };
