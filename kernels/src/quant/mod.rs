@@ -194,8 +194,8 @@ impl GgmlType {
     pub fn for_row_len(self, k: usize) -> Option<Self> {
         use GgmlType::*;
         let ty = match self {
-            Q4K | Q5K if k % 256 != 0 => Q5_0,
-            Q6K if k % 256 != 0 => Q8_0,
+            Q4K | Q5K if !k.is_multiple_of(256) => Q5_0,
+            Q6K if !k.is_multiple_of(256) => Q8_0,
             t => t,
         };
         Some(ty).filter(|t| t.is_quantized() && t.row_bytes(k).is_some_and(|r| r > 0))
@@ -205,7 +205,7 @@ impl GgmlType {
     /// to) when asked for `self`: Q8_0 if that was asked for or rows of `k` are not whole Q6_K
     /// blocks, else Q6_K (the logits are the most sensitive product).
     pub fn for_output(self, k: usize) -> Option<Self> {
-        let ty = if self == GgmlType::Q8_0 || k % 256 != 0 {
+        let ty = if self == GgmlType::Q8_0 || !k.is_multiple_of(256) {
             GgmlType::Q8_0
         } else {
             GgmlType::Q6K

@@ -38,7 +38,7 @@ fn f16_round_trip(v: f32) -> f32 {
 /// types Ember computes with.
 pub(super) fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) {
     let (len, bytes) = (ty.block_len(), ty.block_bytes());
-    debug_assert!(x.len() % len == 0 && out.len() == x.len() / len * bytes);
+    debug_assert!(x.len().is_multiple_of(len) && out.len() == x.len() / len * bytes);
     let block: fn(&[f32], &mut [u8]) = match ty {
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4_0 => q4_0,
