@@ -42,6 +42,9 @@ unsafe fn scale_times(p: *const u8, dx: f32) -> __m256 {
     _mm256_mul_ps(_mm256_cvtph_ps(_mm_set1_epi16(h)), _mm256_set1_ps(dx))
 }
 
+/// How far ahead of the block being read decode prefetches its weights.
+const PREFETCH_AHEAD: usize = 2048;
+
 /// Horizontal sum of 8 lanes, in a fixed order.
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -214,6 +217,11 @@ unsafe fn dot_rows_32<B: Block32, const R: usize, const VNNI: bool>(
             let dx = *x.d.get_unchecked(b);
             for r in 0..R {
                 let p = w[r].as_ptr().add(b * B::BYTES);
+                if R == 1 {
+                    // One row streamed at a time (decode): ask for the bytes 1 KB ahead, across
+                    // the end of the row into the next (a hint: never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8);
+                }
                 // The AVX-512 (VNNI) path: fewer instructions for the same values.
                 let (wv, d) = if VNNI {
                     (B::weights_avx512(p), scale_times(p, dx))
@@ -408,6 +416,14 @@ unsafe fn dot_rows_k4<const FIVE: bool, const R: usize>(w: &[&[u8]; R], x: &Q8KR
         let mut hb = [_mm256_setzero_si256(); R];
         for r in 0..R {
             let b = &w[r][i * bytes..(i + 1) * bytes];
+            if R == 1 {
+                // As in `dot_rows_32`: decode streams one row; a block is 2-3 cache lines.
+                for line in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        b.as_ptr().wrapping_add(PREFETCH_AHEAD + line) as *const i8
+                    );
+                }
+            }
             let m;
             (sc[r], m) = scales_mins(&b[4..16]);
             let dmin = f16_le(b, 2);
@@ -492,6 +508,13 @@ pub unsafe fn dot_q6k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
     let m32 = _mm256_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..nb {
+        if R == 1 {
+            // As in `dot_rows_32`: decode streams one row; a block is 4 cache lines.
+            let b = w[0].as_ptr().wrapping_add(i * Q6K_BYTES + PREFETCH_AHEAD);
+            for line in (0..Q6K_BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(line) as *const i8);
+            }
+        }
         let mut sumi = [_mm256_setzero_si256(); R];
         for half in 0..2 {
             // SAFETY: 128 activation bytes at 256i + 128 half, in bounds per the caller.
