@@ -44,34 +44,36 @@ enum Dot {
 /// spilled, measured slower); AVX-512 has 32.
 pub(super) const AVX2_TILE: (usize, usize) = (2, 3);
 pub(super) const VNNI_TILE: (usize, usize) = (4, 4);
+/// Tile shape of the k-quants (Q4_K/Q5_K/Q6_K against Q8_K rows) on the AVX-512 paths.
+pub(super) const KQUANT_TILE: (usize, usize) = (2, 4);
 
-/// A tile kernel: `W` weight rows against `X` activation rows.
-type TileFn<const W: usize, const X: usize> =
-    unsafe fn(&[&[u8]; W], &[&Q8_0Row; X]) -> [[f32; W]; X];
+/// A tile kernel: `W` weight rows against `X` activation rows (of type `A`).
+type TileFn<A, const W: usize, const X: usize> = unsafe fn(&[&[u8]; W], &[&A; X]) -> [[f32; W]; X];
 
 /// The tile kernel of a path.
 #[derive(Clone, Copy)]
 enum Tile {
-    Avx2(TileFn<{ AVX2_TILE.0 }, { AVX2_TILE.1 }>),
-    Vnni(TileFn<{ VNNI_TILE.0 }, { VNNI_TILE.1 }>),
+    Avx2(TileFn<Q8_0Row, { AVX2_TILE.0 }, { AVX2_TILE.1 }>),
+    Vnni(TileFn<Q8_0Row, { VNNI_TILE.0 }, { VNNI_TILE.1 }>),
+    KQuant(TileFn<Q8KRow, { KQUANT_TILE.0 }, { KQUANT_TILE.1 }>),
 }
 
 /// Runs `f` over every whole tile of `rows` (weight rows) × `acts` (activation rows), writing
 /// each result through `write(column, activation row, value)`; returns how many activation rows
 /// and weight rows the tiles covered.
-fn run_tiles<const W: usize, const X: usize>(
-    f: TileFn<W, X>,
+fn run_tiles<A, const W: usize, const X: usize>(
+    f: TileFn<A, W, X>,
     rows: &[&[u8]],
-    acts: &[Q8_0Row],
+    acts: &[A],
     write: &impl Fn(usize, usize, f32),
 ) -> (usize, usize) {
     let (tiled_x, tiled_w) = (acts.len() / X * X, rows.len() / W * W);
     for i0 in (0..tiled_x).step_by(X) {
-        let x: [&Q8_0Row; X] = std::array::from_fn(|i| &acts[i0 + i]);
+        let x: [&A; X] = std::array::from_fn(|i| &acts[i0 + i]);
         for r0 in (0..tiled_w).step_by(W) {
             let w: [&[u8]; W] = std::array::from_fn(|r| rows[r0 + r]);
             // SAFETY: `tile_kernel` chose a kernel this CPU runs; whole rows of the weight type,
-            // activation rows in Q8_0 of k values.
+            // activation rows of k values in its dot format.
             let v = unsafe { f(&w, &x) };
             for (i, vi) in v.iter().enumerate() {
                 for (r, &vr) in vi.iter().enumerate() {
@@ -93,27 +95,27 @@ fn vnni(isa: Isa) -> bool {
 
 /// The tile kernel of a weight type on a path, where there is one.
 fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<Tile> {
+    #[cfg(target_arch = "x86_64")]
     {
-        #[cfg(target_arch = "x86_64")]
-        if vnni(isa) {
-            use super::x86;
-            return match ty {
-                GgmlType::Q8_0 => Some(Tile::Vnni(x86::tile_q8_0_vnni)),
-                GgmlType::Q4_0 => Some(Tile::Vnni(x86::tile_q4_0_vnni)),
-                GgmlType::Q5_0 => Some(Tile::Vnni(x86::tile_q5_0_vnni)),
-                _ => None,
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx2 && isa.is_supported() {
-            use super::x86;
-            return match ty {
-                GgmlType::Q8_0 => Some(Tile::Avx2(x86::tile_q8_0)),
-                GgmlType::Q4_0 => Some(Tile::Avx2(x86::tile_q4_0)),
-                GgmlType::Q5_0 => Some(Tile::Avx2(x86::tile_q5_0)),
-                _ => None,
-            };
-        }
+        use super::x86;
+        let avx2 = isa >= Isa::Avx2 && isa.is_supported();
+        let avx512 = isa >= Isa::Avx512 && isa.is_supported();
+        let tile = match ty {
+            GgmlType::Q4K if avx512 => Tile::KQuant(x86::tile_q4k),
+            GgmlType::Q5K if avx512 => Tile::KQuant(x86::tile_q5k),
+            GgmlType::Q6K if avx512 => Tile::KQuant(x86::tile_q6k),
+            GgmlType::Q8_0 if vnni(isa) => Tile::Vnni(x86::tile_q8_0_vnni),
+            GgmlType::Q4_0 if vnni(isa) => Tile::Vnni(x86::tile_q4_0_vnni),
+            GgmlType::Q5_0 if vnni(isa) => Tile::Vnni(x86::tile_q5_0_vnni),
+            GgmlType::Q8_0 if avx2 => Tile::Avx2(x86::tile_q8_0),
+            GgmlType::Q4_0 if avx2 => Tile::Avx2(x86::tile_q4_0),
+            GgmlType::Q5_0 if avx2 => Tile::Avx2(x86::tile_q5_0),
+            _ => return None,
+        };
+        Some(tile)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
         let _ = (ty, isa);
         None
     }
@@ -353,6 +355,9 @@ impl QuantWeight {
                         run_tiles(f, &rows, a.as_slice(), &tile_write)
                     }
                     (Some(Tile::Vnni(f)), QuantActs::Q8_0(a)) if m > 1 => {
+                        run_tiles(f, &rows, a.as_slice(), &tile_write)
+                    }
+                    (Some(Tile::KQuant(f)), QuantActs::Q8K(a)) if m > 1 => {
                         run_tiles(f, &rows, a.as_slice(), &tile_write)
                     }
                     _ => (0, 0),

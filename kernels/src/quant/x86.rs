@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::act::{Q8KRow, Q8_0Row};
 use super::blocks::{Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES};
-use super::matmul::{AVX2_TILE, VNNI_TILE};
+use super::matmul::{AVX2_TILE, KQUANT_TILE, VNNI_TILE};
 
 /// The f16 at `p`, widened exactly: its bits moved into an f32 (sign, then exponent and
 /// mantissa 13 places up) and scaled by 2^112, the difference of the exponent biases, which
@@ -121,6 +121,15 @@ trait Block32 {
     /// # Safety
     /// AVX2; `p` points at a whole block.
     unsafe fn levels(p: *const u8) -> __m256i;
+    /// [`Self::levels`] with AVX-512 BW/VL instructions where they save some.
+    ///
+    /// # Safety
+    /// AVX2 and AVX-512 BW/VL; `p` points at a whole block.
+    #[inline(always)]
+    unsafe fn levels_avx512(p: *const u8) -> __m256i {
+        // SAFETY: per the caller.
+        unsafe { Self::levels(p) }
+    }
     /// [`Self::weights`] with AVX-512 BW/VL instructions where they save some.
     ///
     /// # Safety
@@ -184,6 +193,15 @@ impl Block32 for Q5_0 {
         // SAFETY (caller): as `weights`.
         let (low, high) = unsafe { (nibbles(p.add(6)), bits_to_bytes(p.add(2))) };
         _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+    }
+    #[inline(always)]
+    unsafe fn levels_avx512(p: *const u8) -> __m256i {
+        // SAFETY (caller): as `weights`. The fifth bits as a byte mask: 16 added where set.
+        unsafe {
+            let low = nibbles(p.add(6));
+            let bits = (p.add(2) as *const u32).read_unaligned();
+            _mm256_mask_add_epi8(low, bits, low, _mm256_set1_epi8(16))
+        }
     }
     #[inline(always)]
     unsafe fn weights_avx512(p: *const u8) -> __m256i {
@@ -283,12 +301,22 @@ unsafe fn dot_tile_32<B: Block32, const W: usize, const X: usize, const VNNI: bo
             for r in 0..W {
                 let p = w[r].as_ptr().add(b * B::BYTES);
                 if B::OFFSET > 0 {
-                    wu[r] = B::levels(p);
+                    wu[r] = if VNNI {
+                        B::levels_avx512(p)
+                    } else {
+                        B::levels(p)
+                    };
                 } else {
                     ws[r] = B::weights(p);
                     wu[r] = _mm256_sign_epi8(ws[r], ws[r]);
                 }
-                dw[r] = _mm256_set1_ps(f16_at(p));
+                dw[r] = if VNNI {
+                    // All 8 lanes from vcvtph2ps (see `scale_times`).
+                    let h = (p as *const u16).read_unaligned() as i16;
+                    _mm256_cvtph_ps(_mm_set1_epi16(h))
+                } else {
+                    _mm256_set1_ps(f16_at(p))
+                };
             }
             for i in 0..X {
                 let xv = load256(x[i].q.as_ptr().add(32 * b) as *const u8);
@@ -394,29 +422,36 @@ fn mins_dot(m: &[u8; 8], bsums: &[i16]) -> i32 {
         .sum()
 }
 
-/// `R` rows of Q4_K (`FIVE` false) or Q5_K (`FIVE` true) blocks against one Q8_K row: per
-/// 64 activations loaded once, each row's two sub-blocks of nibbles (plus fifth bits) times
-/// their scales into its i32 lanes; the mins against the activations' run sums, exactly.
+/// `W` rows of Q4_K (`FIVE` false) or Q5_K (`FIVE` true) blocks against `X` Q8_K rows: per
+/// 64 weights each row's two sub-blocks of nibbles (plus fifth bits) are unpacked once, then
+/// dotted with every activation row, times their scales, into that output's i32 lanes; the
+/// mins against the activations' run sums, exactly. Each output takes the same operations in
+/// the same order whatever `W` and `X` are: the results are the single row's, bit for bit.
 ///
 /// # Safety
-/// AVX2 + FMA + F16C; every row holds `x.d.len()` whole blocks, `x.q` 256 per block.
+/// AVX2 + FMA + F16C; every row holds `x[0].d.len()` whole blocks, each `x` row 256 values per
+/// block.
 #[inline(always)]
-unsafe fn dot_rows_k4<const FIVE: bool, const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
-    let nb = x.d.len();
+unsafe fn dot_tile_k4<const FIVE: bool, const W: usize, const X: usize>(
+    w: &[&[u8]; W],
+    x: &[&Q8KRow; X],
+) -> [[f32; W]; X] {
+    let nb = x[0].d.len();
     let bytes = if FIVE { Q5K_BYTES } else { Q4K_BYTES };
     let qs_at = if FIVE { 48 } else { 16 };
-    debug_assert!(x.q.len() >= 256 * nb && w.iter().all(|r| r.len() >= nb * bytes));
+    debug_assert!(x.iter().all(|x| x.d.len() == nb && x.q.len() >= 256 * nb));
+    debug_assert!(w.iter().all(|r| r.len() >= nb * bytes));
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_min = [0f32; R];
+    let mut acc = [[_mm256_setzero_ps(); W]; X];
+    let mut acc_min = [[0f32; W]; X];
     for i in 0..nb {
-        let mut sc = [[0u8; 8]; R];
-        let mut sumi = [_mm256_setzero_si256(); R];
-        let mut hb = [_mm256_setzero_si256(); R];
-        for r in 0..R {
+        let mut sc = [[0u8; 8]; W];
+        let mut sumi = [[_mm256_setzero_si256(); W]; X];
+        let mut hb = [_mm256_setzero_si256(); W];
+        for r in 0..W {
             let b = &w[r][i * bytes..(i + 1) * bytes];
-            if R == 1 {
+            if W == 1 && X == 1 {
                 // As in `dot_rows_32`: decode streams one row; a block is 2-3 cache lines.
                 for line in (0..bytes).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(
@@ -427,162 +462,193 @@ unsafe fn dot_rows_k4<const FIVE: bool, const R: usize>(w: &[&[u8]; R], x: &Q8KR
             let m;
             (sc[r], m) = scales_mins(&b[4..16]);
             let dmin = f16_le(b, 2);
-            acc_min[r] += (dmin * x.d[i]) * mins_dot(&m, &x.bsums[16 * i..16 * i + 16]) as f32;
+            for xi in 0..X {
+                let bsums = &x[xi].bsums[16 * i..16 * i + 16];
+                acc_min[xi][r] += (dmin * x[xi].d[i]) * mins_dot(&m, bsums) as f32;
+            }
             if FIVE {
                 // SAFETY: the 32 bytes of fifth bits at 16..48 of the block.
                 hb[r] = unsafe { load256(b.as_ptr().add(16)) };
             }
         }
         for c in 0..4 {
-            // SAFETY: 64 activation bytes at 256i + 64c, in bounds per the caller.
-            let (x0, x1) = unsafe {
-                let xp = x.q.as_ptr().add(256 * i + 64 * c) as *const u8;
-                (load256(xp), load256(xp.add(32)))
-            };
-            for r in 0..R {
+            let mut lo = [_mm256_setzero_si256(); W];
+            let mut hi = [_mm256_setzero_si256(); W];
+            let mut s0 = [_mm256_setzero_si256(); W];
+            let mut s1 = [_mm256_setzero_si256(); W];
+            for r in 0..W {
                 // SAFETY: 32 bytes of nibbles at qs_at + 32c inside block i of row r.
                 let q = unsafe { load256(w[r].as_ptr().add(i * bytes + qs_at + 32 * c)) };
-                let mut lo = _mm256_and_si256(q, m4);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                lo[r] = _mm256_and_si256(q, m4);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
                 if FIVE {
                     // Bit 2c of each byte (low nibbles) and 2c + 1 (high) to bit 4; a 16-bit
                     // shift by less than 8 keeps each byte's own bit in its bit 0.
-                    let s0 = _mm_cvtsi32_si128(2 * c as i32);
-                    let s1 = _mm_cvtsi32_si128(2 * c as i32 + 1);
-                    let h0 = _mm256_and_si256(_mm256_srl_epi16(hb[r], s0), one);
-                    let h1 = _mm256_and_si256(_mm256_srl_epi16(hb[r], s1), one);
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    let sh0 = _mm_cvtsi32_si128(2 * c as i32);
+                    let sh1 = _mm_cvtsi32_si128(2 * c as i32 + 1);
+                    let h0 = _mm256_and_si256(_mm256_srl_epi16(hb[r], sh0), one);
+                    let h1 = _mm256_and_si256(_mm256_srl_epi16(hb[r], sh1), one);
+                    lo[r] = _mm256_or_si256(lo[r], _mm256_slli_epi16(h0, 4));
+                    hi[r] = _mm256_or_si256(hi[r], _mm256_slli_epi16(h1, 4));
                 }
-                let p0 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, x0),
-                    _mm256_set1_epi16(sc[r][2 * c] as i16),
-                );
-                let p1 = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, x1),
-                    _mm256_set1_epi16(sc[r][2 * c + 1] as i16),
-                );
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+                s0[r] = _mm256_set1_epi16(sc[r][2 * c] as i16);
+                s1[r] = _mm256_set1_epi16(sc[r][2 * c + 1] as i16);
+            }
+            for xi in 0..X {
+                // SAFETY: 64 activation bytes at 256i + 64c, in bounds per the caller.
+                let (x0, x1) = unsafe {
+                    let xp = x[xi].q.as_ptr().add(256 * i + 64 * c) as *const u8;
+                    (load256(xp), load256(xp.add(32)))
+                };
+                for r in 0..W {
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], x0), s0[r]);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], x1), s1[r]);
+                    sumi[xi][r] = _mm256_add_epi32(sumi[xi][r], _mm256_add_epi32(p0, p1));
+                }
             }
         }
-        for r in 0..R {
+        for r in 0..W {
             let d = f16_le(&w[r][i * bytes..], 0);
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_set1_ps(d * x.d[i]),
-                _mm256_cvtepi32_ps(sumi[r]),
-                acc[r],
-            );
+            for xi in 0..X {
+                acc[xi][r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(d * x[xi].d[i]),
+                    _mm256_cvtepi32_ps(sumi[xi][r]),
+                    acc[xi][r],
+                );
+            }
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]) - acc_min[r];
+    let mut out = [[0f32; W]; X];
+    for xi in 0..X {
+        for r in 0..W {
+            out[xi][r] = hsum(acc[xi][r]) - acc_min[xi][r];
+        }
     }
     out
 }
 
+/// `W` rows of Q6_K blocks against `X` Q8_K rows: per group of 32 weights each row's 6-bit
+/// values are assembled once and dotted with every activation row (minus 32 · Σx), times the
+/// 16-weight scales. As [`dot_tile_k4`]: each output's operations and their order do not
+/// depend on `W` and `X`.
+///
 /// # Safety
-/// AVX2 + FMA + F16C; each row holds as many whole Q4_K blocks as `x` has.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
-    // SAFETY: per the caller.
-    unsafe { dot_rows_k4::<false, R>(w, x) }
-}
-
-/// # Safety
-/// AVX2 + FMA + F16C; each row holds as many whole Q5_K blocks as `x` has.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
-    // SAFETY: per the caller.
-    unsafe { dot_rows_k4::<true, R>(w, x) }
-}
-
-/// # Safety
-/// AVX2 + FMA + F16C; each row holds as many whole Q6_K blocks as `x` has.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6k<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
-    let nb = x.d.len();
-    debug_assert!(x.q.len() >= 256 * nb && w.iter().all(|r| r.len() >= nb * Q6K_BYTES));
+/// As [`dot_tile_k4`], for Q6_K.
+#[inline(always)]
+unsafe fn dot_tile_q6k<const W: usize, const X: usize>(
+    w: &[&[u8]; W],
+    x: &[&Q8KRow; X],
+) -> [[f32; W]; X] {
+    let nb = x[0].d.len();
+    debug_assert!(x.iter().all(|x| x.d.len() == nb && x.q.len() >= 256 * nb));
+    debug_assert!(w.iter().all(|r| r.len() >= nb * Q6K_BYTES));
     let m4 = _mm256_set1_epi8(0x0F);
     let m3 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); W]; X];
     for i in 0..nb {
-        if R == 1 {
+        if W == 1 && X == 1 {
             // As in `dot_rows_32`: decode streams one row; a block is 4 cache lines.
             let b = w[0].as_ptr().wrapping_add(i * Q6K_BYTES + PREFETCH_AHEAD);
             for line in (0..Q6K_BYTES).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(line) as *const i8);
             }
         }
-        let mut sumi = [_mm256_setzero_si256(); R];
+        let mut sumi = [[_mm256_setzero_si256(); W]; X];
         for half in 0..2 {
-            // SAFETY: 128 activation bytes at 256i + 128 half, in bounds per the caller.
-            let xs = unsafe {
-                let xh = x.q.as_ptr().add(256 * i + 128 * half) as *const u8;
-                [
-                    load256(xh),
-                    load256(xh.add(32)),
-                    load256(xh.add(64)),
-                    load256(xh.add(96)),
-                ]
-            };
-            // 32 · Σx per pair, to take the -32 off the unsigned values.
-            let x32 = [
-                _mm256_maddubs_epi16(m32, xs[0]),
-                _mm256_maddubs_epi16(m32, xs[1]),
-                _mm256_maddubs_epi16(m32, xs[2]),
-                _mm256_maddubs_epi16(m32, xs[3]),
-            ];
-            for r in 0..R {
-                let b = &w[r][i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
-                let p = b.as_ptr();
-                // SAFETY: ql (128 bytes at 0) and qh (64 at 128) of the block.
-                let (ql0, ql1, qh) = unsafe {
-                    (
-                        load256(p.add(64 * half)),
-                        load256(p.add(64 * half + 32)),
-                        load256(p.add(128 + 32 * half)),
-                    )
-                };
-                // Values 0..64, groups g of 32 in element order.
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0, m3)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2, m3)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                        q6_high(qh, 4, m3),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        q6_high(qh, 6, m3),
-                    ),
-                ];
-                for g in 0..4 {
-                    let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[g], xs[g]), x32[g]);
+            // Per row: the low nibbles (two 32-byte halves) and the high bit pairs.
+            let mut ql = [[_mm256_setzero_si256(); 2]; W];
+            let mut qh = [_mm256_setzero_si256(); W];
+            for r in 0..W {
+                let p = w[r].as_ptr().wrapping_add(i * Q6K_BYTES);
+                // SAFETY: ql (128 bytes at 0) and qh (64 at 128) of block i of row r.
+                unsafe {
+                    ql[r] = [load256(p.add(64 * half)), load256(p.add(64 * half + 32))];
+                    qh[r] = load256(p.add(128 + 32 * half));
+                }
+            }
+            for g in 0..4 {
+                // Values 0..64 of group g (32 weights in element order) and its two scales.
+                let mut q = [_mm256_setzero_si256(); W];
+                let mut scales = [_mm256_setzero_si256(); W];
+                for r in 0..W {
+                    let low = ql[r][g % 2];
+                    let low = if g < 2 {
+                        _mm256_and_si256(low, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(low, 4), m4)
+                    };
+                    q[r] = _mm256_or_si256(low, q6_high(qh[r], 2 * g as i32, m3));
                     // Elements 0..16 of the group take one scale, 16..32 the next.
+                    let b = &w[r][i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
                     let s0 = b[192 + 8 * half + 2 * g] as i8 as i16;
                     let s1 = b[192 + 8 * half + 2 * g + 1] as i8 as i16;
-                    let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p16, scales));
+                    scales[r] = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                }
+                for xi in 0..X {
+                    // SAFETY: 32 activation bytes of group g, in bounds per the caller.
+                    let xs = unsafe {
+                        load256(x[xi].q.as_ptr().add(256 * i + 128 * half + 32 * g) as *const u8)
+                    };
+                    // 32 · Σx per pair, to take the -32 off the unsigned values.
+                    let x32 = _mm256_maddubs_epi16(m32, xs);
+                    for r in 0..W {
+                        let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xs), x32);
+                        sumi[xi][r] =
+                            _mm256_add_epi32(sumi[xi][r], _mm256_madd_epi16(p16, scales[r]));
+                    }
                 }
             }
         }
-        for r in 0..R {
+        for r in 0..W {
             let d = f16_le(&w[r][i * Q6K_BYTES..], 208);
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_set1_ps(d * x.d[i]),
-                _mm256_cvtepi32_ps(sumi[r]),
-                acc[r],
-            );
+            for xi in 0..X {
+                acc[xi][r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(d * x[xi].d[i]),
+                    _mm256_cvtepi32_ps(sumi[xi][r]),
+                    acc[xi][r],
+                );
+            }
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]);
+    let mut out = [[0f32; W]; X];
+    for xi in 0..X {
+        for r in 0..W {
+            out[xi][r] = hsum(acc[xi][r]);
+        }
     }
     out
 }
+
+macro_rules! dot_k {
+    ($name:ident, $tile:ident, $body:ident $(, $five:literal)?) => {
+        /// # Safety
+        /// AVX2 + FMA + F16C; each row holds as many whole blocks as `x` has.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name<const R: usize>(w: &[&[u8]; R], x: &Q8KRow) -> [f32; R] {
+            // SAFETY: per the caller.
+            unsafe { $body::<$($five,)? R, 1>(w, &[x])[0] }
+        }
+
+        /// A tile on the AVX-512 paths (32 vector registers hold its accumulators).
+        ///
+        /// # Safety
+        /// AVX2 + FMA + F16C + AVX-512 F/VL; each weight row holds as many whole blocks as
+        /// every row of `x`.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+        pub unsafe fn $tile(
+            w: &[&[u8]; KQUANT_TILE.0],
+            x: &[&Q8KRow; KQUANT_TILE.1],
+        ) -> [[f32; KQUANT_TILE.0]; KQUANT_TILE.1] {
+            // SAFETY: per the caller.
+            unsafe { $body::<$($five,)? { KQUANT_TILE.0 }, { KQUANT_TILE.1 }>(w, x) }
+        }
+    };
+}
+
+dot_k!(dot_q4k, tile_q4k, dot_tile_k4, false);
+dot_k!(dot_q5k, tile_q5k, dot_tile_k4, true);
+dot_k!(dot_q6k, tile_q6k, dot_tile_q6k);
 
 /// # Safety
 /// 32 readable bytes at `p`.
