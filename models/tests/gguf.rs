@@ -14,6 +14,9 @@ use ember_models::{
 };
 use serde::Deserialize;
 
+mod common;
+use common::{position_diffs, EXACT, FLIP};
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/gguf")
@@ -162,15 +165,7 @@ fn compare_with_llama_cpp(name: &str, margin: f32) -> Compared {
             .to_scalar()
             .unwrap();
         out.max_diff = out.max_diff.max(diff);
-        for p in 0..ids.len() {
-            let d: f32 = (ours.get(p).unwrap() - theirs.get(p).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+        for d in position_diffs(&ours, theirs, ids.len()) {
             out.num_off += usize::from(d > EXACT);
             out.num_positions += 1;
         }
@@ -244,11 +239,6 @@ fn float_ggufs_match_llama_cpp() {
         );
     }
 }
-
-/// Logits that agree up to f32 summation order.
-const EXACT: f32 = 1e-5;
-/// The largest difference at a position where one activation sat on a rounding boundary.
-const FLIP: f32 = 0.2;
 
 /// Quantized files: Ember quantizes each matmul's activations exactly as ggml does (Q8_0 for
 /// q4_0/q5_0/q8_0 weights, Q8_K for the k-quants; the same scales and rounding) and computes

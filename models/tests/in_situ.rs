@@ -14,6 +14,9 @@ use ember_models::{
     load_model_quantized, resolve, Batch, ContiguousKvCache, LogitsRows, QuantizedMatrix,
 };
 
+mod common;
+use common::{position_diffs, EXACT, FLIP};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
@@ -153,11 +156,6 @@ fn types_follow_llama_cpp_s_rules() {
     }
 }
 
-/// Logits that agree up to f32 summation order, and the largest difference where one
-/// activation sat on a rounding boundary of its 8-bit quantization (models/tests/gguf.rs).
-const EXACT: f32 = 1e-5;
-const FLIP: f32 = 0.2;
-
 /// The checkpoint quantized at load to q8_0, q4_0 and q5_0 is the fixture GGUF llama.cpp made
 /// of those types, byte for byte (above), so its logits must match llama.cpp's on that file as
 /// closely as Ember's GGUF loader does: no position beyond `FLIP`, at least half within
@@ -192,15 +190,7 @@ fn a_checkpoint_quantized_at_load_matches_llama_cpp_on_its_gguf() {
             .unwrap();
             let ours = model.forward(&batch, &mut cache).unwrap();
             let theirs = &logits[&format!("prompt{i}")];
-            for p in 0..ids.len() {
-                let d: f32 = (ours.get(p).unwrap() - theirs.get(p).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+            for d in position_diffs(&ours, theirs, ids.len()) {
                 off += usize::from(d > EXACT);
                 positions += 1;
                 worst = worst.max(d);

@@ -190,17 +190,22 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 impl QuantWeight {
-    /// Copies the rows of `parts` (each whole rows of `k` in `ty`), one after another.
-    pub fn from_parts(ty: GgmlType, parts: &[&[u8]], k: usize) -> Result<Self, QuantError> {
+    /// Bytes of a row of `k` in `ty`, which must be a quantized type whose blocks divide `k`.
+    fn row_len(ty: GgmlType, k: usize) -> Result<usize, QuantError> {
         if !ty.is_quantized() {
             return Err(QuantError(format!("{ty} is not a quantized type")));
         }
-        let row = ty.row_bytes(k).filter(|&r| r > 0).ok_or_else(|| {
+        ty.row_bytes(k).filter(|&r| r > 0).ok_or_else(|| {
             QuantError(format!(
                 "rows of {k} are not whole {ty} blocks of {}",
                 ty.block_len()
             ))
-        })?;
+        })
+    }
+
+    /// Copies the rows of `parts` (each whole rows of `k` in `ty`), one after another.
+    pub fn from_parts(ty: GgmlType, parts: &[&[u8]], k: usize) -> Result<Self, QuantError> {
+        let row = Self::row_len(ty, k)?;
         if let Some(p) = parts.iter().find(|p| p.len() % row != 0) {
             return Err(QuantError(format!(
                 "{} bytes are not rows of {row}",
@@ -226,15 +231,7 @@ impl QuantWeight {
     /// `x` (n × k, row-major) quantized to `ty` as llama.cpp's reference quantizer does
     /// ([`super::quantize`]), rows split over the pool.
     pub fn quantize(ty: GgmlType, x: &[f32], n: usize, k: usize) -> Result<Self, QuantError> {
-        if !ty.is_quantized() {
-            return Err(QuantError(format!("{ty} is not a quantized type")));
-        }
-        let row = ty.row_bytes(k).filter(|&r| r > 0).ok_or_else(|| {
-            QuantError(format!(
-                "rows of {k} are not whole {ty} blocks of {}",
-                ty.block_len()
-            ))
-        })?;
+        let row = Self::row_len(ty, k)?;
         if n.checked_mul(k) != Some(x.len()) {
             return Err(QuantError(format!(
                 "{} values are not {n} rows of {k}",
