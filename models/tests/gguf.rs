@@ -300,28 +300,27 @@ impl Builder {
         buf.extend(s.as_bytes());
     }
 
-    fn kv_str(mut self, key: &str, value: &str) -> Self {
+    /// A metadata pair: the key, the GGUF value type, the value's bytes.
+    fn kv(mut self, key: &str, value_type: u32, value: &[u8]) -> Self {
         Self::string(&mut self.kv, key);
-        self.kv.extend(8u32.to_le_bytes());
-        Self::string(&mut self.kv, value);
+        self.kv.extend(value_type.to_le_bytes());
+        self.kv.extend(value);
         self.num_kv += 1;
         self
     }
 
-    fn kv_u32(mut self, key: &str, value: u32) -> Self {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(4u32.to_le_bytes());
-        self.kv.extend(value.to_le_bytes());
-        self.num_kv += 1;
-        self
+    fn kv_str(self, key: &str, value: &str) -> Self {
+        let mut bytes = Vec::new();
+        Self::string(&mut bytes, value);
+        self.kv(key, 8, &bytes)
     }
 
-    fn kv_f32(mut self, key: &str, value: f32) -> Self {
-        Self::string(&mut self.kv, key);
-        self.kv.extend(6u32.to_le_bytes());
-        self.kv.extend(value.to_le_bytes());
-        self.num_kv += 1;
-        self
+    fn kv_u32(self, key: &str, value: u32) -> Self {
+        self.kv(key, 4, &value.to_le_bytes())
+    }
+
+    fn kv_f32(self, key: &str, value: f32) -> Self {
+        self.kv(key, 6, &value.to_le_bytes())
     }
 
     /// A tensor of ggml type `ty` and `dims` (innermost first) with `bytes` of data.

@@ -104,6 +104,34 @@ fn log_quantization(requested: GgmlType, report: &[QuantizedMatrix]) {
     );
 }
 
+/// Loads the weights on this thread while `tokenizer` runs on another (it is independent of
+/// them), logging how long each took.
+fn beside_the_tokenizer<T: Send>(
+    dtype: DType,
+    tokenizer: impl FnOnce() -> Result<T> + Send,
+    weights: impl FnOnce() -> Result<QwenModel>,
+) -> Result<(QwenModel, T)> {
+    std::thread::scope(|s| {
+        let tokenizer = s.spawn(|| {
+            let start = Instant::now();
+            let out = tokenizer();
+            tracing::info!(seconds = start.elapsed().as_secs_f32(), "tokenizer loaded");
+            out
+        });
+        let start = Instant::now();
+        let model = weights()?;
+        tracing::info!(
+            seconds = start.elapsed().as_secs_f32(),
+            ?dtype,
+            "weights loaded"
+        );
+        let tokenizer = tokenizer
+            .join()
+            .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
+        Ok((model, tokenizer))
+    })
+}
+
 /// The tokenizer (and chat template, if any) of a tokenizer directory.
 fn tokenizer_dir(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let file = dir.join("tokenizer.json");
@@ -158,31 +186,23 @@ impl LoadedModel {
         let dtype = dtype.unwrap_or_else(|| device.default_dtype());
         let dev = device.open()?;
         // The tokenizer (a ~10 MB JSON to parse, ~0.45 s) loads beside the weights.
-        let (model, tokenizer) = std::thread::scope(|s| -> Result<_> {
-            let tokenizer = s.spawn(|| {
-                let start = Instant::now();
-                let t = Tokenizer::from_file(&files.tokenizer)
-                    .map_err(|e| anyhow!("loading {}: {e}", files.tokenizer.display()));
-                tracing::info!(seconds = start.elapsed().as_secs_f32(), "tokenizer loaded");
-                t
-            });
-            let start = Instant::now();
-            let (model, quantized) =
-                load_model_quantized(&files, dtype, &dev, options.quantization)
-                    .with_context(|| format!("loading weights from {}", files.root.display()))?;
-            if let Some(ty) = options.quantization {
-                log_quantization(ty, &quantized);
-            }
-            tracing::info!(
-                seconds = start.elapsed().as_secs_f32(),
-                ?dtype,
-                "weights loaded"
-            );
-            let tokenizer = tokenizer
-                .join()
-                .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
-            Ok((model, tokenizer))
-        })?;
+        let (model, tokenizer) = beside_the_tokenizer(
+            dtype,
+            || {
+                Tokenizer::from_file(&files.tokenizer)
+                    .map_err(|e| anyhow!("loading {}: {e}", files.tokenizer.display()))
+            },
+            || {
+                let (model, quantized) =
+                    load_model_quantized(&files, dtype, &dev, options.quantization).with_context(
+                        || format!("loading weights from {}", files.root.display()),
+                    )?;
+                if let Some(ty) = options.quantization {
+                    log_quantization(ty, &quantized);
+                }
+                Ok(model)
+            },
+        )?;
         // No chat template (a base model) is fine; a broken file or template is an error.
         let template = match &files.tokenizer_config {
             Some(path) => match ChatTemplate::from_tokenizer_config(path) {
@@ -219,29 +239,17 @@ impl LoadedModel {
         );
         let dtype = dtype.unwrap_or_else(|| device.default_dtype());
         let dev = device.open()?;
-        let (model, (tokenizer, dir_template)) = std::thread::scope(|s| -> Result<_> {
-            let tokenizer = s.spawn(|| -> Result<_> {
-                let start = Instant::now();
-                let out = match &options.tokenizer {
-                    Some(dir) => tokenizer_dir(dir)?,
-                    None => (tokenizer::from_gguf_vocab(&gguf.vocab()?)?, None),
-                };
-                tracing::info!(seconds = start.elapsed().as_secs_f32(), "tokenizer loaded");
-                Ok(out)
-            });
-            let start = Instant::now();
-            let model = load_gguf_model(&gguf, dtype, &dev)
-                .with_context(|| format!("loading weights from {}", path.display()))?;
-            tracing::info!(
-                seconds = start.elapsed().as_secs_f32(),
-                ?dtype,
-                "weights loaded"
-            );
-            let tokenizer = tokenizer
-                .join()
-                .map_err(|_| anyhow!("loading the tokenizer panicked"))??;
-            Ok((model, tokenizer))
-        })?;
+        let (model, (tokenizer, dir_template)) = beside_the_tokenizer(
+            dtype,
+            || match &options.tokenizer {
+                Some(dir) => tokenizer_dir(dir),
+                None => Ok((tokenizer::from_gguf_vocab(&gguf.vocab()?)?, None)),
+            },
+            || {
+                load_gguf_model(&gguf, dtype, &dev)
+                    .with_context(|| format!("loading weights from {}", path.display()))
+            },
+        )?;
         let token_text = |key: &str| {
             let id = gguf.get(key).and_then(MetaValue::as_u64)?;
             tokenizer.id_to_token(u32::try_from(id).ok()?)

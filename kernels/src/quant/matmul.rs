@@ -338,7 +338,14 @@ impl QuantWeight {
             .enumerate()
             .for_each(|(t, rows)| {
                 let c0 = t * ROWS_PER_TASK;
-                let rows: Vec<&[u8]> = rows.chunks_exact(rb).collect();
+                // The task's rows, on the stack (no allocation per task and matmul).
+                let mut row_buf: [&[u8]; ROWS_PER_TASK] = [&[]; ROWS_PER_TASK];
+                let mut count = 0;
+                for (slot, row) in row_buf.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *slot = row;
+                    count += 1;
+                }
+                let rows = &row_buf[..count];
                 let write = |col: usize, i: usize, v: f32| {
                     // SAFETY: i < m, col < n: inside out (m × n); only this task writes
                     // column col.
@@ -349,13 +356,13 @@ impl QuantWeight {
                 let tile_write = |col: usize, i: usize, v: f32| write(c0 + col, i, v);
                 let (tiled_x, tiled_w) = match (tile, &acts) {
                     (Some(Tile::Avx2(f)), QuantActs::Q8_0(a)) if m > 1 => {
-                        run_tiles(f, &rows, a.as_slice(), &tile_write)
+                        run_tiles(f, rows, a.as_slice(), &tile_write)
                     }
                     (Some(Tile::Vnni(f)), QuantActs::Q8_0(a)) if m > 1 => {
-                        run_tiles(f, &rows, a.as_slice(), &tile_write)
+                        run_tiles(f, rows, a.as_slice(), &tile_write)
                     }
                     (Some(Tile::KQuant(f)), QuantActs::Q8K(a)) if m > 1 => {
-                        run_tiles(f, &rows, a.as_slice(), &tile_write)
+                        run_tiles(f, rows, a.as_slice(), &tile_write)
                     }
                     _ => (0, 0),
                 };
