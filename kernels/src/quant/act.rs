@@ -6,11 +6,13 @@
 
 use half::f16;
 
-/// One row of activations in Q8_0: per block of 32, a scale (an f16 value, widened) and 32 i8.
+/// One row of activations in Q8_0: per block of 32, a scale (an f16 value, widened), 32 i8
+/// and their sum (what the weights' offset contributes: Σ (u - o)·x = Σ u·x - o·Σ x).
 #[derive(Debug, Clone, Default)]
 pub struct Q8_0Row {
     pub d: Vec<f32>,
     pub q: Vec<i8>,
+    pub s: Vec<i32>,
 }
 
 /// One row of activations in Q8_K: per block of 256, a scale, 256 i8 and the 16 sums of each
@@ -65,13 +67,17 @@ pub fn quantize_q8k_with_isa(x: &[f32], out: &mut Q8KRow, isa: crate::Isa) {
 pub fn quantize_q8_0(x: &[f32], out: &mut Q8_0Row) {
     out.d.clear();
     out.q.clear();
+    out.s.clear();
     for block in x.chunks_exact(32) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         out.d.push(f16::from_f32(d).to_f32());
+        let start = out.q.len();
         out.q
             .extend(block.iter().map(|&v| round_even(v * id) as i8));
+        out.s
+            .push(out.q[start..].iter().map(|&q| q as i32).sum::<i32>());
     }
 }
 

@@ -1,73 +1,10 @@
-//! Portable dot products of one quantized weight row with one quantized activation row. The
-//! integer part of each block is exact (the same integers as ggml's); the f32 part is one
-//! sequential sum over blocks, in order, so it does not depend on how many rows a matmul has.
+//! Portable dot products of one k-quant weight row with one Q8_K activation row (the 32-weight
+//! types: [`super::interleave`]). The integer part of each block is exact (the same integers
+//! as ggml's); the f32 part is one sequential sum over blocks, in order, so it does not depend
+//! on how many rows a matmul has.
 
-use super::act::{Q8KRow, Q8_0Row};
-use super::blocks::{
-    f16_at, scale_min_k4, Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES,
-};
-
-fn isum(w: impl Iterator<Item = i32>, x: &[i8]) -> i32 {
-    w.zip(x).map(|(w, &x)| w * x as i32).sum()
-}
-
-/// Weight values of a Q4_0 block, in order.
-fn q4_0_values(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
-    let qs = &b[2..18];
-    qs.iter()
-        .map(|&q| (q & 0x0F) as i32 - 8)
-        .chain(qs.iter().map(|&q| (q >> 4) as i32 - 8))
-}
-
-fn q5_0_values(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
-    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
-    (0..32).map(move |j| {
-        let (nib, bit) = if j < 16 {
-            (qs[j] & 0x0F, (qh >> j) & 1)
-        } else {
-            (qs[j - 16] >> 4, (qh >> j) & 1)
-        };
-        (nib as u32 | bit << 4) as i32 - 16
-    })
-}
-
-pub fn dot_q8_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut sum = 0f32;
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q8_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        let s = isum(b[2..34].iter().map(|&q| q as i8 as i32), xq);
-        sum += (f16_at(b, 0) * dx) * s as f32;
-    }
-    sum
-}
-
-pub fn dot_q4_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut sum = 0f32;
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q4_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        sum += (f16_at(b, 0) * dx) * isum(q4_0_values(b), xq) as f32;
-    }
-    sum
-}
-
-pub fn dot_q5_0(w: &[u8], x: &Q8_0Row) -> f32 {
-    let mut sum = 0f32;
-    for ((b, &dx), xq) in w
-        .chunks_exact(Q5_0_BYTES)
-        .zip(&x.d)
-        .zip(x.q.chunks_exact(32))
-    {
-        sum += (f16_at(b, 0) * dx) * isum(q5_0_values(b), xq) as f32;
-    }
-    sum
-}
+use super::act::Q8KRow;
+use super::blocks::{f16_at, scale_min_k4, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES};
 
 /// Σ over sub-blocks of scale · (weights · x), and Σ of min · (sum of x), for a Q4_K or Q5_K
 /// block whose 5- or 4-bit values `value(j, l)` (sub-block j, element l) are given.

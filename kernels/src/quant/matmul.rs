@@ -1,75 +1,66 @@
 //! `y = x · Wᵀ` for quantized W, in ggml's arithmetic: each row of x is quantized once per
-//! matmul (Q8_0 or Q8_K, [`super::act`]), every output is one weight row's dot product with it
-//! ([`super::dot`]), rows of W split over the pool. An output depends only on its own row of x
-//! and its row of W, so results are batch-invariant.
+//! matmul (Q8_0 or Q8_K, [`super::act`]) and every output is one weight row's integer dot
+//! products with it, block by block, times the blocks' scales. The 32-weight types (Q8_0,
+//! Q4_0, Q5_0) are repacked at load into interleaved groups of 16 rows
+//! ([`super::interleave`]); the k-quants keep GGUF's rows ([`super::dot`]). Work is split over
+//! the pool by weight rows. An output depends only on its own row of x and its row of W, so
+//! results are batch-invariant.
 
 use rayon::prelude::*;
 
 use super::act::{quantize_q8_0_with_isa, quantize_q8k_with_isa, Q8KRow, Q8_0Row};
+use super::interleave::{group_portable, GroupFn, Groups, Kind, LANES};
 use super::{dot, GgmlType, QuantError};
 use crate::{cpu_isa, Isa, Zeroed};
 
-/// Weight rows per parallel task.
+/// Weight rows per parallel task (k-quants).
 const ROWS_PER_TASK: usize = 16;
 
-/// A (n × k) matrix of quantized rows, as GGUF stores it (row r's blocks one after another).
+/// A (n × k) matrix of quantized rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantWeight {
     ty: GgmlType,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    data: Storage,
 }
 
-/// The activation rows in the weights' dot format.
-enum QuantActs {
-    Q8_0(Vec<Q8_0Row>),
-    Q8K(Vec<Q8KRow>),
+#[derive(Debug, Clone, PartialEq)]
+enum Storage {
+    /// The k-quants: rows as GGUF stores them (row r's blocks one after another).
+    Rows(Vec<u8>),
+    /// The 32-weight types, interleaved.
+    Groups(Groups),
 }
 
 /// A dot product of `R` weight rows with one activation row.
-type Rows<A, const R: usize> = unsafe fn(&[&[u8]; R], &A) -> [f32; R];
+type Rows<const R: usize> = unsafe fn(&[&[u8]; R], &Q8KRow) -> [f32; R];
 
-/// A weight type's dot products on a path (one row, and [`GROUP`] rows sharing each
-/// activation load): only made where the CPU runs it.
+/// A k-quant's dot products on a path (one row, and [`GROUP`] rows sharing each activation
+/// load): only made where the CPU runs it.
 #[derive(Clone, Copy)]
-enum Dot {
-    Q8_0(Rows<Q8_0Row, 1>, Rows<Q8_0Row, GROUP>),
-    Q8K(Rows<Q8KRow, 1>, Rows<Q8KRow, GROUP>),
-}
+struct Dot(Rows<1>, Rows<GROUP>);
 
-/// Tile shapes (weight rows, activation rows) for the 32-weight types when several activation
-/// rows read each weight block (`x86::dot_tile_32`: each block unpacked once per tile). AVX2
-/// has 16 vector registers: 2 × 3 accumulators and their operands fit (4 × 4 and 2 × 4
-/// spilled, measured slower); AVX-512 has 32.
-pub(super) const AVX2_TILE: (usize, usize) = (2, 3);
-pub(super) const VNNI_TILE: (usize, usize) = (4, 4);
 /// Tile shape of the k-quants (Q4_K/Q5_K/Q6_K against Q8_K rows) on the AVX-512 paths.
 pub(super) const KQUANT_TILE: (usize, usize) = (2, 4);
 
-/// A tile kernel: `W` weight rows against `X` activation rows (of type `A`).
-type TileFn<A, const W: usize, const X: usize> = unsafe fn(&[&[u8]; W], &[&A; X]) -> [[f32; W]; X];
-
-/// The tile kernel of a path.
-#[derive(Clone, Copy)]
-enum Tile {
-    Avx2(TileFn<Q8_0Row, { AVX2_TILE.0 }, { AVX2_TILE.1 }>),
-    Vnni(TileFn<Q8_0Row, { VNNI_TILE.0 }, { VNNI_TILE.1 }>),
-    KQuant(TileFn<Q8KRow, { KQUANT_TILE.0 }, { KQUANT_TILE.1 }>),
-}
+/// A tile kernel: `W` weight rows against `X` activation rows.
+type TileFn<const W: usize, const X: usize> =
+    unsafe fn(&[&[u8]; W], &[&Q8KRow; X]) -> [[f32; W]; X];
+type KTile = TileFn<{ KQUANT_TILE.0 }, { KQUANT_TILE.1 }>;
 
 /// Runs `f` over every whole tile of `rows` (weight rows) × `acts` (activation rows), writing
 /// each result through `write(column, activation row, value)`; returns how many activation rows
 /// and weight rows the tiles covered.
-fn run_tiles<A, const W: usize, const X: usize>(
-    f: TileFn<A, W, X>,
+fn run_tiles<const W: usize, const X: usize>(
+    f: TileFn<W, X>,
     rows: &[&[u8]],
-    acts: &[A],
+    acts: &[Q8KRow],
     write: &impl Fn(usize, usize, f32),
 ) -> (usize, usize) {
     let (tiled_x, tiled_w) = (acts.len() / X * X, rows.len() / W * W);
     for i0 in (0..tiled_x).step_by(X) {
-        let x: [&A; X] = std::array::from_fn(|i| &acts[i0 + i]);
+        let x: [&Q8KRow; X] = std::array::from_fn(|i| &acts[i0 + i]);
         for r0 in (0..tiled_w).step_by(W) {
             let w: [&[u8]; W] = std::array::from_fn(|r| rows[r0 + r]);
             // SAFETY: `tile_kernel` chose a kernel this CPU runs; whole rows of the weight type,
@@ -85,100 +76,114 @@ fn run_tiles<A, const W: usize, const X: usize>(
     (tiled_x, tiled_w)
 }
 
-/// Whether the dot products use AVX-512 VNNI's `vpdpbusd` (4 byte products summed into an i32
-/// lane in one instruction, where AVX2 takes two): on the AVX-512 paths of a CPU that has it.
-/// The integers are the AVX2 path's, so are the results.
+/// Whether the 32-weight kernels use AVX-512 VNNI's `vpdpbusd`: on the AVX-512 paths of a CPU
+/// that has it. The integers are the AVX2 path's, so are the results.
 #[cfg(target_arch = "x86_64")]
 fn vnni(isa: Isa) -> bool {
     isa >= Isa::Avx512 && isa.is_supported() && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
-/// The tile kernel of a weight type on a path, where there is one.
-fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<Tile> {
+/// The k-quant tile kernel on a path, where there is one.
+fn tile_kernel(ty: GgmlType, isa: Isa) -> Option<KTile> {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512 && isa.is_supported() {
+        use super::x86;
+        return match ty {
+            GgmlType::Q4K => Some(x86::tile_q4k),
+            GgmlType::Q5K => Some(x86::tile_q5k),
+            GgmlType::Q6K => Some(x86::tile_q6k),
+            _ => None,
+        };
+    }
+    let _ = (ty, isa);
+    None
+}
+
+/// Widest tile of the group kernels (activation rows per call).
+const MAX_TILE: usize = 8;
+
+/// The group kernels of a 32-weight type on a path, widest first, the last of width 1.
+fn group_kernels(kind: Kind, isa: Isa) -> &'static [(usize, GroupFn)] {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::x86;
-        let avx2 = isa >= Isa::Avx2 && isa.is_supported();
-        let avx512 = isa >= Isa::Avx512 && isa.is_supported();
-        let tile = match ty {
-            GgmlType::Q4K if avx512 => Tile::KQuant(x86::tile_q4k),
-            GgmlType::Q5K if avx512 => Tile::KQuant(x86::tile_q5k),
-            GgmlType::Q6K if avx512 => Tile::KQuant(x86::tile_q6k),
-            GgmlType::Q8_0 if vnni(isa) => Tile::Vnni(x86::tile_q8_0_vnni),
-            GgmlType::Q4_0 if vnni(isa) => Tile::Vnni(x86::tile_q4_0_vnni),
-            GgmlType::Q5_0 if vnni(isa) => Tile::Vnni(x86::tile_q5_0_vnni),
-            GgmlType::Q8_0 if avx2 => Tile::Avx2(x86::tile_q8_0),
-            GgmlType::Q4_0 if avx2 => Tile::Avx2(x86::tile_q4_0),
-            GgmlType::Q5_0 if avx2 => Tile::Avx2(x86::tile_q5_0),
-            _ => return None,
-        };
-        Some(tile)
+        use super::x86::*;
+        if vnni(isa) {
+            return match kind.ty {
+                GgmlType::Q8_0 => &[
+                    (8, group_q8_0_vnni::<8> as GroupFn),
+                    (4, group_q8_0_vnni::<4>),
+                    (1, group_q8_0_vnni::<1>),
+                ],
+                GgmlType::Q4_0 => &[
+                    (8, group_q4_0_vnni::<8> as GroupFn),
+                    (4, group_q4_0_vnni::<4>),
+                    (1, group_q4_0_vnni::<1>),
+                ],
+                _ => &[
+                    (8, group_q5_0_vnni::<8> as GroupFn),
+                    (4, group_q5_0_vnni::<4>),
+                    (1, group_q5_0_vnni::<1>),
+                ],
+            };
+        }
+        if isa >= Isa::Avx2 && isa.is_supported() {
+            return match kind.ty {
+                GgmlType::Q8_0 => &[
+                    (4, group_q8_0_avx2::<4> as GroupFn),
+                    (1, group_q8_0_avx2::<1>),
+                ],
+                GgmlType::Q4_0 => &[
+                    (4, group_q4_0_avx2::<4> as GroupFn),
+                    (1, group_q4_0_avx2::<1>),
+                ],
+                _ => &[
+                    (4, group_q5_0_avx2::<4> as GroupFn),
+                    (1, group_q5_0_avx2::<1>),
+                ],
+            };
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (ty, isa);
-        None
-    }
+    let _ = (kind, isa);
+    &[(1, group_portable as GroupFn)]
 }
 
 /// Weight rows dotted together when several activation rows reuse them (independent
 /// accumulators, one activation load). A single activation row streams one weight row at a
 /// time instead: four rows read side by side are four streams, which the hardware prefetcher
-/// follows worse than one (batch-1 decode 39 vs 29 tok/s on the 0.5B q8_0 file, AVX2). A row's
-/// arithmetic is the same either way.
+/// follows worse than one. A row's arithmetic is the same either way.
 const GROUP: usize = 4;
 
 /// The portable dots as `R`-row functions.
-fn portable<A, const R: usize>(f: fn(&[u8], &A) -> f32) -> impl Fn(&[&[u8]; R], &A) -> [f32; R] {
+fn portable<const R: usize>(
+    f: fn(&[u8], &Q8KRow) -> f32,
+) -> impl Fn(&[&[u8]; R], &Q8KRow) -> [f32; R] {
     move |w, x| std::array::from_fn(|r| f(w[r], x))
 }
 
 impl Dot {
     fn new(ty: GgmlType, isa: Isa) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if vnni(isa) {
-            use super::x86;
-            match ty {
-                GgmlType::Q8_0 => {
-                    return Self::Q8_0(x86::dot_q8_0_vnni::<1>, x86::dot_q8_0_vnni::<GROUP>)
-                }
-                GgmlType::Q4_0 => {
-                    return Self::Q8_0(x86::dot_q4_0_vnni::<1>, x86::dot_q4_0_vnni::<GROUP>)
-                }
-                GgmlType::Q5_0 => {
-                    return Self::Q8_0(x86::dot_q5_0_vnni::<1>, x86::dot_q5_0_vnni::<GROUP>)
-                }
-                _ => {}
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 && isa.is_supported() {
             use super::x86;
             return match ty {
-                GgmlType::Q8_0 => Self::Q8_0(x86::dot_q8_0::<1>, x86::dot_q8_0::<GROUP>),
-                GgmlType::Q4_0 => Self::Q8_0(x86::dot_q4_0::<1>, x86::dot_q4_0::<GROUP>),
-                GgmlType::Q5_0 => Self::Q8_0(x86::dot_q5_0::<1>, x86::dot_q5_0::<GROUP>),
-                GgmlType::Q4K => Self::Q8K(x86::dot_q4k::<1>, x86::dot_q4k::<GROUP>),
-                GgmlType::Q5K => Self::Q8K(x86::dot_q5k::<1>, x86::dot_q5k::<GROUP>),
-                _ => Self::Q8K(x86::dot_q6k::<1>, x86::dot_q6k::<GROUP>),
+                GgmlType::Q4K => Self(x86::dot_q4k::<1>, x86::dot_q4k::<GROUP>),
+                GgmlType::Q5K => Self(x86::dot_q5k::<1>, x86::dot_q5k::<GROUP>),
+                _ => Self(x86::dot_q6k::<1>, x86::dot_q6k::<GROUP>),
             };
         }
         let _ = isa;
         macro_rules! both {
-            ($variant:ident, $f:path) => {
-                Self::$variant(
-                    |w: &[&[u8]; 1], x| portable::<_, 1>($f)(w, x),
-                    |w: &[&[u8]; GROUP], x| portable::<_, GROUP>($f)(w, x),
+            ($f:path) => {
+                Self(
+                    |w: &[&[u8]; 1], x| portable::<1>($f)(w, x),
+                    |w: &[&[u8]; GROUP], x| portable::<GROUP>($f)(w, x),
                 )
             };
         }
         match ty {
-            GgmlType::Q8_0 => both!(Q8_0, dot::dot_q8_0),
-            GgmlType::Q4_0 => both!(Q8_0, dot::dot_q4_0),
-            GgmlType::Q5_0 => both!(Q8_0, dot::dot_q5_0),
-            GgmlType::Q4K => both!(Q8K, dot::dot_q4k),
-            GgmlType::Q5K => both!(Q8K, dot::dot_q5k),
-            _ => both!(Q8K, dot::dot_q6k),
+            GgmlType::Q4K => both!(dot::dot_q4k),
+            GgmlType::Q5K => both!(dot::dot_q5k),
+            _ => both!(dot::dot_q6k),
         }
     }
 }
@@ -189,11 +194,26 @@ struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint elements (distinct columns) of a buffer that outlives them.
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// out[i][col] = v + bias[col].
+    ///
+    /// # Safety
+    /// i < m and col < n of the (m × n) buffer, and no other task writes column `col`.
+    #[inline(always)]
+    unsafe fn write(&self, n: usize, bias: Option<&[f32]>, col: usize, i: usize, v: f32) {
+        // SAFETY: per the caller.
+        unsafe { *self.0.add(i * n + col) = v + bias.map_or(0.0, |b| b[col]) };
+    }
+}
+
 impl QuantWeight {
-    /// Bytes of a row of `k` in `ty`, which must be a quantized type whose blocks divide `k`.
+    /// Bytes of a row of `k` in `ty`, which must be a type Ember multiplies by, whose blocks
+    /// divide `k`.
     fn row_len(ty: GgmlType, k: usize) -> Result<usize, QuantError> {
-        if !ty.is_quantized() {
-            return Err(QuantError(format!("{ty} is not a quantized type")));
+        let runs =
+            Kind::of(ty).is_some() || matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K);
+        if !runs {
+            return Err(QuantError(format!("{ty} has no quantized matmul")));
         }
         ty.row_bytes(k).filter(|&r| r > 0).ok_or_else(|| {
             QuantError(format!(
@@ -203,7 +223,8 @@ impl QuantWeight {
         })
     }
 
-    /// Copies the rows of `parts` (each whole rows of `k` in `ty`), one after another.
+    /// Copies the rows of `parts` (each whole rows of `k` in `ty`), one after another
+    /// (interleaved, for the 32-weight types).
     pub fn from_parts(ty: GgmlType, parts: &[&[u8]], k: usize) -> Result<Self, QuantError> {
         let row = Self::row_len(ty, k)?;
         if let Some(p) = parts.iter().find(|p| p.len() % row != 0) {
@@ -212,20 +233,25 @@ impl QuantWeight {
                 p.len()
             )));
         }
-        // Huge pages where Linux grants them: decode streams every byte once per token, and a
-        // 4 KB page per TLB entry is a miss every 4 KB.
-        let mut data = u8::zeroed_vec(parts.iter().map(|p| p.len()).sum());
-        let mut at = 0;
-        for p in parts {
-            data[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
-        Ok(Self {
-            ty,
-            n: data.len() / row,
-            k,
-            data,
-        })
+        let n = parts.iter().map(|p| p.len() / row).sum();
+        let data = match Kind::of(ty) {
+            Some(kind) => {
+                let rows: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks_exact(row)).collect();
+                Storage::Groups(Groups::pack(kind, k / 32, n, |i| rows[i]))
+            }
+            None => {
+                // Huge pages where Linux grants them: decode streams every byte once per token,
+                // and a 4 KB page per TLB entry is a miss every 4 KB.
+                let mut data = u8::zeroed_vec(n * row);
+                let mut at = 0;
+                for p in parts {
+                    data[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
+                }
+                Storage::Rows(data)
+            }
+        };
+        Ok(Self { ty, n, k, data })
     }
 
     /// `x` (n × k, row-major) quantized to `ty` as llama.cpp's reference quantizer does
@@ -238,10 +264,24 @@ impl QuantWeight {
                 x.len()
             )));
         }
-        let mut data = u8::zeroed_vec(n * row);
-        data.par_chunks_mut(row)
-            .zip(x.par_chunks(k))
-            .for_each(|(out, x)| super::quantize::quantize_row(ty, x, out));
+        let data = match Kind::of(ty) {
+            Some(kind) => Storage::Groups(Groups::build(kind, k / 32, n, |g, group| {
+                let rows = g * LANES..n.min((g + 1) * LANES);
+                let mut buf = vec![0u8; rows.len() * row];
+                for (out, r) in buf.chunks_exact_mut(row).zip(rows) {
+                    super::quantize::quantize_row(ty, &x[r * k..(r + 1) * k], out);
+                }
+                let rows: Vec<&[u8]> = buf.chunks_exact(row).collect();
+                kind.pack(&rows, k / 32, group);
+            })),
+            None => {
+                let mut data = u8::zeroed_vec(n * row);
+                data.par_chunks_mut(row)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(out, x)| super::quantize::quantize_row(ty, x, out));
+                Storage::Rows(data)
+            }
+        };
         Ok(Self { ty, n, k, data })
     }
 
@@ -259,53 +299,31 @@ impl QuantWeight {
         self.k
     }
 
-    /// The rows as GGUF stores them.
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
-    }
-
+    /// Bytes held (an interleaved matrix's padding to whole groups included).
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.data.len() / self.n.max(1)
+        match &self.data {
+            Storage::Rows(d) => d.len(),
+            Storage::Groups(g) => g.bytes().len(),
+        }
     }
 
     /// Rows `ids` dequantized to f32, (ids, k) row-major: an embedding lookup.
     pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Vec<f32>, QuantError> {
-        let rb = self.row_bytes();
         let mut out = vec![0f32; ids.len() * self.k];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
             let id = id as usize;
             if id >= self.n {
                 return Err(QuantError(format!("row {id} of a {}-row matrix", self.n)));
             }
-            super::dequantize(self.ty, &self.data[id * rb..(id + 1) * rb], o)?;
+            match &self.data {
+                Storage::Rows(d) => {
+                    let rb = d.len() / self.n;
+                    super::dequantize(self.ty, &d[id * rb..(id + 1) * rb], o)?
+                }
+                Storage::Groups(g) => super::dequantize(self.ty, &g.gguf_row(id), o)?,
+            }
         }
         Ok(out)
-    }
-
-    fn quantize_acts(&self, x: &[f32], m: usize, isa: Isa) -> QuantActs {
-        let rows = x[..m * self.k].par_chunks(self.k);
-        match self.ty {
-            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => QuantActs::Q8K(
-                rows.map(|r| {
-                    let mut q = Q8KRow::default();
-                    quantize_q8k_with_isa(r, &mut q, isa);
-                    q
-                })
-                .collect(),
-            ),
-            _ => QuantActs::Q8_0(
-                rows.map(|r| {
-                    let mut q = Q8_0Row::default();
-                    quantize_q8_0_with_isa(r, &mut q, isa);
-                    q
-                })
-                .collect(),
-            ),
-        }
     }
 
     /// `out` (m × n, row-major) = x (m × k, f32) · Wᵀ + bias, on this process's CPU path.
@@ -327,14 +345,88 @@ impl QuantWeight {
         if m == 0 || n == 0 {
             return;
         }
-        let acts = self.quantize_acts(x, m, isa);
+        let shared = SharedOut(out.as_mut_ptr());
+        let rows = x[..m * k].par_chunks(k);
+        match &self.data {
+            Storage::Groups(g) => {
+                let acts: Vec<Q8_0Row> = rows
+                    .map(|r| {
+                        let mut q = Q8_0Row::default();
+                        quantize_q8_0_with_isa(r, &mut q, isa);
+                        q
+                    })
+                    .collect();
+                self.matmul_groups(g, isa, &acts, bias, &shared)
+            }
+            Storage::Rows(data) => {
+                let acts: Vec<Q8KRow> = rows
+                    .map(|r| {
+                        let mut q = Q8KRow::default();
+                        quantize_q8k_with_isa(r, &mut q, isa);
+                        q
+                    })
+                    .collect();
+                self.matmul_rows(data, isa, &acts, bias, &shared)
+            }
+        }
+    }
+
+    /// The interleaved path: a task per group, its activation rows in the widest tiles the
+    /// path has, then narrower ones.
+    fn matmul_groups(
+        &self,
+        g: &Groups,
+        isa: Isa,
+        acts: &[Q8_0Row],
+        bias: Option<&[f32]>,
+        out: &SharedOut,
+    ) {
+        let (n, m, nb) = (self.n, acts.len(), g.nb);
+        assert!(acts
+            .iter()
+            .all(|a| a.d.len() == nb && a.s.len() == nb && a.q.len() == 32 * nb));
+        let kernels = group_kernels(g.kind, isa);
+        let gb = g.kind.group_bytes(nb);
+        g.bytes()
+            .par_chunks(gb)
+            .enumerate()
+            .for_each(|(gi, group)| {
+                let r0 = gi * LANES;
+                let valid = LANES.min(n - r0);
+                let mut tile = [[0f32; LANES]; MAX_TILE];
+                let mut i = 0;
+                for &(width, f) in kernels {
+                    while m - i >= width {
+                        // SAFETY: `group_kernels` chose kernels this CPU runs; the group is whole
+                        // (gb bytes of nb blocks) and the activation rows hold nb blocks (asserted).
+                        unsafe { f(g.kind, nb, group, &acts[i..i + width], &mut tile[..width]) };
+                        for (t, lanes) in tile[..width].iter().enumerate() {
+                            for (r, &v) in lanes[..valid].iter().enumerate() {
+                                // SAFETY: row i + t < m, column r0 + r < n: this group's own.
+                                unsafe { out.write(n, bias, r0 + r, i + t, v) };
+                            }
+                        }
+                        i += width;
+                    }
+                }
+            });
+    }
+
+    /// The k-quant path: tiles where there are several activation rows and a tile kernel; then
+    /// what is left, row group by row group. The same arithmetic for every output.
+    fn matmul_rows(
+        &self,
+        data: &[u8],
+        isa: Isa,
+        acts: &[Q8KRow],
+        bias: Option<&[f32]>,
+        out: &SharedOut,
+    ) {
+        let (n, m) = (self.n, acts.len());
+        let rb = data.len() / n;
         let dot = Dot::new(self.ty, isa);
         let tile = tile_kernel(self.ty, isa);
-        let rb = self.row_bytes();
-        let shared = SharedOut(out.as_mut_ptr());
-        let shared = &shared;
-        self.data
-            .par_chunks(ROWS_PER_TASK * rb)
+        data.par_chunks(ROWS_PER_TASK * rb)
             .enumerate()
             .for_each(|(t, rows)| {
                 let c0 = t * ROWS_PER_TASK;
@@ -346,56 +438,30 @@ impl QuantWeight {
                     count += 1;
                 }
                 let rows = &row_buf[..count];
-                let write = |col: usize, i: usize, v: f32| {
-                    // SAFETY: i < m, col < n: inside out (m × n); only this task writes
-                    // column col.
-                    unsafe { *shared.0.add(i * n + col) = v + bias.map_or(0.0, |b| b[col]) };
-                };
-                // Tiles where there are several activation rows and a tile kernel; then what
-                // is left, row group by row group. The same arithmetic for every output.
+                // SAFETY (every write): i < m, col < n; only this task writes its columns.
+                let write = |col: usize, i: usize, v: f32| unsafe { out.write(n, bias, col, i, v) };
                 let tile_write = |col: usize, i: usize, v: f32| write(c0 + col, i, v);
-                let (tiled_x, tiled_w) = match (tile, &acts) {
-                    (Some(Tile::Avx2(f)), QuantActs::Q8_0(a)) if m > 1 => {
-                        run_tiles(f, rows, a.as_slice(), &tile_write)
-                    }
-                    (Some(Tile::Vnni(f)), QuantActs::Q8_0(a)) if m > 1 => {
-                        run_tiles(f, rows, a.as_slice(), &tile_write)
-                    }
-                    (Some(Tile::KQuant(f)), QuantActs::Q8K(a)) if m > 1 => {
-                        run_tiles(f, rows, a.as_slice(), &tile_write)
-                    }
+                let (tiled_x, tiled_w) = match tile {
+                    Some(f) if m > 1 => run_tiles(f, rows, acts, &tile_write),
                     _ => (0, 0),
                 };
-                for i in 0..m {
+                for (i, a) in acts.iter().enumerate() {
                     // What the tiles left of this activation row.
                     let first = if i < tiled_x { tiled_w } else { 0 };
                     let rest = &rows[first..];
                     let grouped = if m > 1 { rest.len() / GROUP * GROUP } else { 0 };
                     let (groups, tail) = rest.split_at(grouped);
                     // SAFETY (every call): `Dot::new` chose a path this CPU runs; each weight
-                    // row is whole, and the activation rows hold k values in the matching
-                    // format (`quantize_acts` follows the weight type, as `Dot::new` does).
+                    // row is whole, and the activation rows hold k values in Q8_K.
                     for (g, group) in groups.chunks_exact(GROUP).enumerate() {
                         let w: &[&[u8]; GROUP] = group.try_into().expect("a whole group");
-                        let v = unsafe {
-                            match (dot, &acts) {
-                                (Dot::Q8_0(_, f), QuantActs::Q8_0(a)) => f(w, &a[i]),
-                                (Dot::Q8K(_, f), QuantActs::Q8K(a)) => f(w, &a[i]),
-                                _ => unreachable!("activations follow the weight type"),
-                            }
-                        };
+                        let v = unsafe { (dot.1)(w, a) };
                         for (r, v) in v.into_iter().enumerate() {
                             write(c0 + first + g * GROUP + r, i, v);
                         }
                     }
                     for (r, w) in tail.iter().enumerate() {
-                        let v = unsafe {
-                            match (dot, &acts) {
-                                (Dot::Q8_0(f, _), QuantActs::Q8_0(a)) => f(&[w], &a[i])[0],
-                                (Dot::Q8K(f, _), QuantActs::Q8K(a)) => f(&[w], &a[i])[0],
-                                _ => unreachable!("activations follow the weight type"),
-                            }
-                        };
+                        let v = unsafe { (dot.0)(&[w], a)[0] };
                         write(c0 + first + grouped + r, i, v);
                     }
                 }
@@ -541,12 +607,52 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_kernels_agree_bit_for_bit_with_the_portable_one() {
+        // n = 37: a padded last group; m = 13: tiles of 8, 4 and 1 on the VNNI path.
+        let (n, k) = (37, 96);
+        for m in [1, 13] {
+            let x = activations(m, k);
+            for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0] {
+                let w = weight(ty, n, k, 5);
+                let portable = run(&w, Isa::Scalar, &x, m, None);
+                for isa in crate::supported_isas() {
+                    assert_eq!(run(&w, isa, &x, m, None), portable, "{ty} {isa} m {m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaving_keeps_the_rows() {
+        // Rows read back (embedding lookups) as the GGUF bytes dequantize.
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0] {
+            let (n, k) = (19, 64);
+            let row = ty.row_bytes(k).unwrap();
+            let raw = bytes(3, n * row);
+            let w = QuantWeight::from_parts(ty, &[&raw[..5 * row], &raw[5 * row..]], k).unwrap();
+            let got = w.dequantize_rows(&[0, 18, 7]).unwrap();
+            for (j, &r) in [0usize, 18, 7].iter().enumerate() {
+                let mut want = vec![0f32; k];
+                crate::dequantize(ty, &raw[r * row..(r + 1) * row], &mut want).unwrap();
+                let same = want
+                    .iter()
+                    .zip(&got[j * k..(j + 1) * k])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty} row {r}");
+            }
+        }
+    }
+
+    #[test]
     fn parts_must_be_whole_rows_of_whole_blocks() {
         assert!(QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 34]], 33).is_err());
         assert!(QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 35]], 32).is_err());
         assert!(QuantWeight::from_parts(GgmlType::F16, &[&[0; 64]], 32).is_err());
+        // Types without a matmul are refused by name.
+        let e = QuantWeight::from_parts(GgmlType::Q4_1, &[&[0; 20]], 32).unwrap_err();
+        assert!(e.to_string().contains("q4_1"), "{e}");
         let w = QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 68], &[0; 34]], 32).unwrap();
-        assert_eq!((w.rows(), w.cols(), w.size_in_bytes()), (3, 32, 102));
+        assert_eq!((w.rows(), w.cols()), (3, 32));
         assert!(w.dequantize_rows(&[3]).is_err());
     }
 }

@@ -9,6 +9,7 @@
 mod act;
 mod blocks;
 mod dot;
+mod interleave;
 mod matmul;
 mod quantize;
 #[cfg(target_arch = "x86_64")]

@@ -1,46 +1,17 @@
-//! AVX2 dot products of quantized weight rows with Q8 activation rows: the same integers as the
-//! portable ones ([`super::dot`]), 32 products per `vpmaddubsw` (unsigned × signed bytes into
-//! i16 pairs; the 8-bit types take absolute values and move the sign to the activations, as
-//! ggml does, since 255 · 127 · 2 overflows i16), widened to i32 by `vpmaddwd` (with the
-//! sub-block scales for the k-quants), then per block one f32 FMA into 8 lanes. Each output's
-//! lanes are summed once at the end, in a fixed order: the same result for any number of rows.
+//! x86 kernels of the quantized matmul. The 32-weight types run on interleaved groups of 16
+//! rows ([`super::interleave`]): AVX2 and AVX-512 VNNI kernels computing exactly the portable
+//! kernel's integers and FMAs. The k-quants: AVX2 dot products of weight rows with Q8_K
+//! activation rows, the same integers as the portable ones ([`super::dot`]), 32 products per
+//! `vpmaddubsw` (unsigned × signed bytes into i16 pairs), widened to i32 by `vpmaddwd` with the
+//! sub-block scales, then per block one f32 FMA into 8 lanes. Each output's lanes are summed
+//! once at the end, in a fixed order: the same result for any number of rows.
 
 use std::arch::x86_64::*;
 
 use super::act::{Q8KRow, Q8_0Row};
-use super::blocks::{Q4K_BYTES, Q4_0_BYTES, Q5K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES};
-use super::matmul::{AVX2_TILE, KQUANT_TILE, VNNI_TILE};
-
-/// The f16 at `p`, widened exactly: its bits moved into an f32 (sign, then exponent and
-/// mantissa 13 places up) and scaled by 2^112, the difference of the exponent biases, which
-/// also makes f16 subnormals exact (inf and NaN scales, meaningless in a block, come out
-/// finite). Integer moves and one multiply, rather than `vcvtph2ps`, which the compiler feeds
-/// from a 16-bit insert into a live register: a false dependency on an accumulator that
-/// serialized the whole loop.
-///
-/// # Safety
-/// `p` points at 2 readable bytes.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: per the caller; an unaligned 2-byte read.
-    let h = unsafe { (p as *const u16).read_unaligned() } as u32;
-    let bits = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13);
-    f32::from_bits(bits) * f32::from_bits(0x7780_0000) // 2^112
-}
-
-/// The f16 at `p` times `dx` in 8 lanes: the f16 broadcast to 8 words and widened by
-/// `vcvtph2ps` (all 8 lanes used, so the compiler cannot narrow it to a 16-bit insert into a
-/// live register, the false dependency `f16_at` avoids), then one vector multiply. The same
-/// f32 as `f16_at(p) * dx`: the widening is exact.
-///
-/// # Safety
-/// F16C + AVX2; `p` points at 2 readable bytes.
-#[inline(always)]
-unsafe fn scale_times(p: *const u8, dx: f32) -> __m256 {
-    // SAFETY: per the caller; an unaligned 2-byte read.
-    let h = unsafe { (p as *const u16).read_unaligned() } as i16;
-    _mm256_mul_ps(_mm256_cvtph_ps(_mm_set1_epi16(h)), _mm256_set1_ps(dx))
-}
+use super::blocks::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES};
+use super::interleave::{Kind, LANES};
+use super::matmul::KQUANT_TILE;
 
 /// How far ahead of the block being read decode prefetches its weights.
 const PREFETCH_AHEAD: usize = 2048;
@@ -52,39 +23,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
-}
-
-/// Σ u·s over groups of 4 (unsigned × signed bytes) as 8 i32 lanes: with VNNI one `vpdpbusd`,
-/// else `vpmaddubsw` into i16 pairs (which cannot saturate for the operands here: |s| ≤ 127,
-/// u ≤ 128) and `vpmaddwd` by ones. The same integers either way.
-///
-/// # Safety
-/// AVX2; with `VNNI`, AVX-512 VNNI and VL (the caller's target features).
-#[inline(always)]
-unsafe fn sum4<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
-    if VNNI {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-    } else {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-    }
-}
-
-/// Σ w·x over 32 signed bytes each, as 8 i32 lanes: |w| times x with w's sign (x ≥ -127, so
-/// the products fit [`sum4`]'s bounds).
-#[inline(always)]
-unsafe fn dot_i8<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
-    let aw = _mm256_sign_epi8(w, w);
-    let sx = _mm256_sign_epi8(x, w);
-    unsafe { sum4::<VNNI>(aw, sx) }
-}
-
-/// 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones.
-#[inline(always)]
-unsafe fn nibbles(p: *const u8) -> __m256i {
-    // SAFETY (caller): 16 readable bytes at p.
-    let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    let both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
 /// The 32 bits at p as 32 bytes: 0xFF where the bit is set.
@@ -106,297 +44,229 @@ unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask)
 }
 
-/// A 32-weight block type dotted with Q8_0 activations: its bytes, and its 32 weights as signed
-/// bytes (the f16 scale is its first two bytes).
-trait Block32 {
-    const BYTES: usize;
-    /// The types stored as unsigned levels `q` with weights `q - OFFSET` (Q4_0: 8, Q5_0: 16);
-    /// 0 for Q8_0, stored signed.
-    const OFFSET: i8;
-    /// # Safety
-    /// AVX2; `p` points at a whole block.
-    unsafe fn weights(p: *const u8) -> __m256i;
-    /// The unsigned levels (where `OFFSET` > 0).
-    ///
-    /// # Safety
-    /// AVX2; `p` points at a whole block.
-    unsafe fn levels(p: *const u8) -> __m256i;
-    /// [`Self::levels`] with AVX-512 BW/VL instructions where they save some.
-    ///
-    /// # Safety
-    /// AVX2 and AVX-512 BW/VL; `p` points at a whole block.
-    #[inline(always)]
-    unsafe fn levels_avx512(p: *const u8) -> __m256i {
-        // SAFETY: per the caller.
-        unsafe { Self::levels(p) }
-    }
-    /// [`Self::weights`] with AVX-512 BW/VL instructions where they save some.
-    ///
-    /// # Safety
-    /// AVX2 and AVX-512 BW/VL; `p` points at a whole block.
-    #[inline(always)]
-    unsafe fn weights_avx512(p: *const u8) -> __m256i {
-        // SAFETY: per the caller.
-        unsafe { Self::weights(p) }
-    }
-}
-
-struct Q8_0;
-struct Q4_0;
-struct Q5_0;
-
-impl Block32 for Q8_0 {
-    const BYTES: usize = Q8_0_BYTES;
-    const OFFSET: i8 = 0;
-    #[inline(always)]
-    unsafe fn weights(p: *const u8) -> __m256i {
-        // SAFETY (caller): 32 weight bytes after the 2-byte scale.
-        unsafe { load256(p.add(2)) }
-    }
-    #[inline(always)]
-    unsafe fn levels(p: *const u8) -> __m256i {
-        // SAFETY (caller): as `weights` (unused: Q8_0 is signed).
-        unsafe { Self::weights(p) }
-    }
-}
-
-impl Block32 for Q4_0 {
-    const BYTES: usize = Q4_0_BYTES;
-    const OFFSET: i8 = 8;
-    #[inline(always)]
-    unsafe fn weights(p: *const u8) -> __m256i {
-        // SAFETY (caller): a whole block.
-        _mm256_sub_epi8(unsafe { Self::levels(p) }, _mm256_set1_epi8(8))
-    }
-    #[inline(always)]
-    unsafe fn levels(p: *const u8) -> __m256i {
-        // SAFETY (caller): 16 bytes of nibbles after the scale.
-        unsafe { nibbles(p.add(2)) }
-    }
-}
-
-impl Block32 for Q5_0 {
-    const BYTES: usize = Q5_0_BYTES;
-    const OFFSET: i8 = 16;
-    #[inline(always)]
-    unsafe fn weights(p: *const u8) -> __m256i {
-        // SAFETY (caller): 4 bytes of high bits, then 16 of nibbles, after the scale.
-        let (low, high) = unsafe { (nibbles(p.add(6)), bits_to_bytes(p.add(2))) };
-        // (n | h << 4) - 16 as i8: n where the bit is set, n | 0xF0 (= n - 16) where not.
-        _mm256_or_si256(
-            low,
-            _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
-        )
-    }
-    #[inline(always)]
-    unsafe fn levels(p: *const u8) -> __m256i {
-        // SAFETY (caller): as `weights`.
-        let (low, high) = unsafe { (nibbles(p.add(6)), bits_to_bytes(p.add(2))) };
-        _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
-    }
-    #[inline(always)]
-    unsafe fn levels_avx512(p: *const u8) -> __m256i {
-        // SAFETY (caller): as `weights`. The fifth bits as a byte mask: 16 added where set.
-        unsafe {
-            let low = nibbles(p.add(6));
-            let bits = (p.add(2) as *const u32).read_unaligned();
-            _mm256_mask_add_epi8(low, bits, low, _mm256_set1_epi8(16))
-        }
-    }
-    #[inline(always)]
-    unsafe fn weights_avx512(p: *const u8) -> __m256i {
-        // SAFETY (caller): as `weights`. The 32 fifth bits are a byte mask as they are: -16
-        // added to the nibbles whose bit is clear.
-        unsafe {
-            let low = nibbles(p.add(6));
-            let bits = (p.add(2) as *const u32).read_unaligned();
-            _mm256_mask_add_epi8(low, !bits, low, _mm256_set1_epi8(-16))
-        }
-    }
-}
-
-/// `R` weight rows of 32-blocks against one Q8_0 activation row: per block the activations are
-/// loaded once for all rows; each row has its own accumulator, updated exactly as when alone.
+/// The 8 quads of block `b`'s levels in group `g` for lanes (rows) `8h..8h + 8` (AVX2: half
+/// a 64-byte quad per register): unsigned levels, or for Q8_0 (`Q8`) the signed weights
+/// (`vpmaddubsw` saturates on 255 · 127 · 2).
 ///
 /// # Safety
-/// AVX2 + FMA + F16C; every row holds `x.d.len()` whole blocks and `x.q` as many 32s.
+/// AVX2; `g` is a whole group of `nb` blocks of `kind`, b < nb, h < 2.
 #[inline(always)]
-unsafe fn dot_rows_32<B: Block32, const R: usize, const VNNI: bool>(
-    w: &[&[u8]; R],
-    x: &Q8_0Row,
-) -> [f32; R] {
-    let nb = x.d.len();
-    debug_assert!(x.q.len() >= 32 * nb && w.iter().all(|r| r.len() >= nb * B::BYTES));
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
-        // SAFETY: block b of the activations (32 bytes) and of each row, per the caller.
-        unsafe {
-            let xv = load256(x.q.as_ptr().add(32 * b) as *const u8);
-            let dx = *x.d.get_unchecked(b);
-            for r in 0..R {
-                let p = w[r].as_ptr().add(b * B::BYTES);
-                if R == 1 {
-                    // One row streamed at a time (decode): ask for the bytes 1 KB ahead, across
-                    // the end of the row into the next (a hint: never faults).
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8);
+unsafe fn quads_256<const Q8: bool, const HIGH: bool>(
+    kind: Kind,
+    nb: usize,
+    g: *const u8,
+    b: usize,
+    h: usize,
+) -> [__m256i; 8] {
+    let mut w = [_mm256_setzero_si256(); 8];
+    // SAFETY: the quads, fifth bits and their halves lie inside the group, per the caller.
+    unsafe {
+        let lv = g.add(kind.levels_at(b) + 32 * h);
+        if Q8 {
+            for (t, w) in w.iter_mut().enumerate() {
+                *w = _mm256_xor_si256(load256(lv.add(64 * t)), _mm256_set1_epi8(0x80u8 as i8));
+            }
+        } else {
+            let m4 = _mm256_set1_epi8(0x0F);
+            for j in 0..4 {
+                let p = load256(lv.add(64 * j));
+                w[j] = _mm256_and_si256(p, m4);
+                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
+            }
+            if HIGH {
+                // Lanes 8h..8h + 8 of quad t are bits 32h..32h + 32 of its u64.
+                let hi = g.add(kind.high_at(nb, b) + 4 * h);
+                for (t, w) in w.iter_mut().enumerate() {
+                    let fifth =
+                        _mm256_and_si256(bits_to_bytes(hi.add(8 * t)), _mm256_set1_epi8(16));
+                    *w = _mm256_or_si256(*w, fifth);
                 }
-                // The AVX-512 (VNNI) path: fewer instructions for the same values.
-                let (wv, d) = if VNNI {
-                    (B::weights_avx512(p), scale_times(p, dx))
-                } else {
-                    (B::weights(p), _mm256_set1_ps(f16_at(p) * dx))
-                };
-                let s = _mm256_cvtepi32_ps(dot_i8::<VNNI>(wv, xv));
-                acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
             }
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]);
-    }
-    out
+    w
 }
 
-/// `acc` + Σ u·s over groups of 4, as [`sum4`] computes the sums.
+/// An interleaved group against `X` activation rows, AVX2: each half of the group's 16 rows
+/// (8 i32 lanes) in turn, Σ u·x by `vpmaddubsw` + `vpmaddwd` from -offset·Σx (Q8_0: |w| times
+/// x with w's sign, from 0: the same integer).
 ///
 /// # Safety
-/// As [`sum4`].
+/// AVX2 + FMA + F16C; `g` a whole group of `nb` blocks of `kind`; `x` X rows of `nb` blocks;
+/// `out` at least X long.
 #[inline(always)]
-unsafe fn sum4_onto<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-    if VNNI {
-        _mm256_dpbusd_epi32(acc, u, s)
-    } else {
-        // SAFETY: per the caller.
-        _mm256_add_epi32(acc, unsafe { sum4::<false>(u, s) })
-    }
-}
-
-/// A tile: `W` weight rows against `X` activation rows, each weight block unpacked once for
-/// all activation rows and each activation block loaded once for all weight rows. Q4_0/Q5_0
-/// take their unsigned levels as they are and start each sum from -OFFSET·Σx (per lane, once
-/// per activation block), Q8_0 moves the weights' signs onto the activations; either way each
-/// i32 lane holds the same Σ w·x over the same 4 products as [`dot_rows_32`]'s, and each
-/// output's accumulator takes the same FMA per block (the scale product is the same f32
-/// multiply, in a vector), so a tile's results are the row path's, bit for bit.
-///
-/// # Safety
-/// As [`dot_rows_32`], for every row of `x`.
-#[inline(always)]
-unsafe fn dot_tile_32<B: Block32, const W: usize, const X: usize, const VNNI: bool>(
-    w: &[&[u8]; W],
-    x: &[&Q8_0Row; X],
-) -> [[f32; W]; X] {
-    let nb = x[0].d.len();
-    debug_assert!(x.iter().all(|x| x.d.len() == nb && x.q.len() >= 32 * nb));
-    debug_assert!(w.iter().all(|r| r.len() >= nb * B::BYTES));
-    let mut acc = [[_mm256_setzero_ps(); W]; X];
-    for b in 0..nb {
-        // SAFETY: block b of each weight row and of each activation row, per the caller.
-        unsafe {
-            // Unsigned operands (levels, or |w| for Q8_0) and Q8_0's signed weights.
-            let mut wu = [_mm256_setzero_si256(); W];
-            let mut ws = [_mm256_setzero_si256(); W];
-            let mut dw = [_mm256_setzero_ps(); W];
-            for r in 0..W {
-                let p = w[r].as_ptr().add(b * B::BYTES);
-                if B::OFFSET > 0 {
-                    wu[r] = if VNNI {
-                        B::levels_avx512(p)
+unsafe fn group_avx2<const Q8: bool, const HIGH: bool, const X: usize>(
+    kind: Kind,
+    nb: usize,
+    g: &[u8],
+    x: &[Q8_0Row],
+    out: &mut [[f32; LANES]],
+) {
+    debug_assert!(g.len() >= kind.group_bytes(nb) && x.len() == X && out.len() >= X);
+    debug_assert!(x
+        .iter()
+        .all(|x| x.d.len() >= nb && x.s.len() >= nb && x.q.len() >= 32 * nb));
+    let g = g.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..nb {
+            // SAFETY: block b of the group and of each activation row, per the caller.
+            unsafe {
+                if X == 1 && h == 0 {
+                    prefetch_levels(kind, g.add(kind.levels_at(b)));
+                }
+                let w = quads_256::<Q8, HIGH>(kind, nb, g, b, h);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                    g.add(kind.scales_at(nb, b) + 16 * h) as *const __m128i
+                ));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xi = x.get_unchecked(i);
+                    let xq = xi.q.as_ptr().add(32 * b) as *const i32;
+                    let mut s = if Q8 {
+                        _mm256_setzero_si256()
                     } else {
-                        B::levels(p)
+                        _mm256_set1_epi32(-kind.offset * *xi.s.get_unchecked(b))
                     };
-                } else {
-                    ws[r] = B::weights(p);
-                    wu[r] = _mm256_sign_epi8(ws[r], ws[r]);
-                }
-                dw[r] = if VNNI {
-                    // All 8 lanes from vcvtph2ps (see `scale_times`).
-                    let h = (p as *const u16).read_unaligned() as i16;
-                    _mm256_cvtph_ps(_mm_set1_epi16(h))
-                } else {
-                    _mm256_set1_ps(f16_at(p))
-                };
-            }
-            for i in 0..X {
-                let xv = load256(x[i].q.as_ptr().add(32 * b) as *const u8);
-                let dx = _mm256_set1_ps(*x[i].d.get_unchecked(b));
-                let start = if B::OFFSET > 0 {
-                    let off = sum4::<VNNI>(_mm256_set1_epi8(B::OFFSET), xv);
-                    _mm256_sub_epi32(_mm256_setzero_si256(), off)
-                } else {
-                    _mm256_setzero_si256()
-                };
-                for r in 0..W {
-                    let sx = if B::OFFSET > 0 {
-                        xv
-                    } else {
-                        _mm256_sign_epi8(xv, ws[r])
-                    };
-                    let s = _mm256_cvtepi32_ps(sum4_onto::<VNNI>(start, wu[r], sx));
-                    acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dx), s, acc[i][r]);
+                    for (t, &w) in w.iter().enumerate() {
+                        let a = _mm256_set1_epi32(xq.add(t).read_unaligned());
+                        let p = if Q8 {
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+                        } else {
+                            _mm256_maddubs_epi16(w, a)
+                        };
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    }
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xi.d.get_unchecked(b)));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), *acc);
                 }
             }
         }
-    }
-    let mut out = [[0f32; W]; X];
-    for i in 0..X {
-        for r in 0..W {
-            out[i][r] = hsum(acc[i][r]);
+        for (o, acc) in out.iter_mut().zip(acc) {
+            // SAFETY: lanes 8h..8h + 8 of a 16-lane row.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), acc) };
         }
     }
-    out
 }
 
-macro_rules! dot32 {
-    ($name:ident, $tile:ident, $vnni:ident, $vnni_tile:ident, $block:ty) => {
+/// Decode streams one group at a time: ask for block b's levels PREFETCH_AHEAD bytes early (a
+/// hint: never faults, even past the group).
+///
+/// # Safety
+/// SSE (any x86-64).
+#[inline(always)]
+unsafe fn prefetch_levels(kind: Kind, lv: *const u8) {
+    for line in (0..kind.levels).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(lv.wrapping_add(PREFETCH_AHEAD + line) as *const i8);
+    }
+}
+
+/// An interleaved group against `X` activation rows, AVX-512 VNNI: per block the 8 quads
+/// unpacked once into 64-byte levels (Q5_0's fifth bits a byte mask under `vpaddb`), then per
+/// activation row 8 `vpdpbusd` (4 activation bytes broadcast to the 16 lanes) from
+/// -offset·Σx, one convert, one FMA.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI; as [`group_avx2`] otherwise.
+#[inline(always)]
+unsafe fn group_vnni<const Q8: bool, const HIGH: bool, const X: usize>(
+    kind: Kind,
+    nb: usize,
+    g: &[u8],
+    x: &[Q8_0Row],
+    out: &mut [[f32; LANES]],
+) {
+    debug_assert!(g.len() >= kind.group_bytes(nb) && x.len() == X && out.len() >= X);
+    debug_assert!(x
+        .iter()
+        .all(|x| x.d.len() >= nb && x.s.len() >= nb && x.q.len() >= 32 * nb));
+    let g = g.as_ptr();
+    let m4 = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let mut acc = [_mm512_setzero_ps(); X];
+    for b in 0..nb {
+        // SAFETY: block b of the group and of each activation row, per the caller.
+        unsafe {
+            let lv = g.add(kind.levels_at(b));
+            if X == 1 {
+                prefetch_levels(kind, lv);
+            }
+            let mut w = [_mm512_setzero_si512(); 8];
+            if Q8 {
+                for (t, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(lv.add(64 * t) as *const _);
+                }
+            } else {
+                for j in 0..4 {
+                    let p = _mm512_loadu_si512(lv.add(64 * j) as *const _);
+                    w[j] = _mm512_and_si512(p, m4);
+                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+                }
+                if HIGH {
+                    let hi = g.add(kind.high_at(nb, b));
+                    for (t, w) in w.iter_mut().enumerate() {
+                        let bits = (hi.add(8 * t) as *const u64).read_unaligned();
+                        *w = _mm512_mask_add_epi8(*w, bits, *w, sixteen);
+                    }
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
+                g.add(kind.scales_at(nb, b)) as *const __m256i
+            ));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = x.get_unchecked(i);
+                let xq = xi.q.as_ptr().add(32 * b) as *const i32;
+                let mut s = _mm512_set1_epi32(-kind.offset * *xi.s.get_unchecked(b));
+                for (t, &w) in w.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, w, _mm512_set1_epi32(xq.add(t).read_unaligned()));
+                }
+                let d = _mm512_mul_ps(dw, _mm512_set1_ps(*xi.d.get_unchecked(b)));
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *acc);
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: 16 lanes into a 16-lane row.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc) };
+    }
+}
+
+macro_rules! group_kernels {
+    ($avx2:ident, $vnni:ident, $q8:literal, $high:literal) => {
         /// # Safety
-        /// AVX2 + FMA + F16C; each row holds as many whole blocks as `x` has.
+        /// AVX2 + FMA + F16C; `g` a whole group of `nb` blocks of this type, `x` X activation
+        /// rows of `nb` blocks, `out` at least X long.
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $name<const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+        pub unsafe fn $avx2<const X: usize>(
+            kind: Kind,
+            nb: usize,
+            g: &[u8],
+            x: &[Q8_0Row],
+            out: &mut [[f32; LANES]],
+        ) {
             // SAFETY: per the caller.
-            unsafe { dot_rows_32::<$block, R, false>(w, x) }
+            unsafe { group_avx2::<$q8, $high, X>(kind, nb, g, x, out) }
         }
 
         /// # Safety
-        /// AVX2 + FMA + F16C; each weight row holds as many whole blocks as every row of `x`.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $tile(
-            w: &[&[u8]; AVX2_TILE.0],
-            x: &[&Q8_0Row; AVX2_TILE.1],
-        ) -> [[f32; AVX2_TILE.0]; AVX2_TILE.1] {
-            // SAFETY: per the caller.
-            unsafe { dot_tile_32::<$block, { AVX2_TILE.0 }, { AVX2_TILE.1 }, false>(w, x) }
-        }
-
-        /// [`$name`] with `vpdpbusd`.
-        ///
-        /// # Safety
-        /// As [`$name`], and AVX-512 F/BW/VL/VNNI.
+        /// As the AVX2 kernel, and AVX-512 F/BW/VL/VNNI.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub unsafe fn $vnni<const R: usize>(w: &[&[u8]; R], x: &Q8_0Row) -> [f32; R] {
+        pub unsafe fn $vnni<const X: usize>(
+            kind: Kind,
+            nb: usize,
+            g: &[u8],
+            x: &[Q8_0Row],
+            out: &mut [[f32; LANES]],
+        ) {
             // SAFETY: per the caller.
-            unsafe { dot_rows_32::<$block, R, true>(w, x) }
-        }
-
-        /// [`$tile`] with `vpdpbusd`.
-        ///
-        /// # Safety
-        /// As [`$tile`], and AVX-512 F/BW/VL/VNNI.
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub unsafe fn $vnni_tile(
-            w: &[&[u8]; VNNI_TILE.0],
-            x: &[&Q8_0Row; VNNI_TILE.1],
-        ) -> [[f32; VNNI_TILE.0]; VNNI_TILE.1] {
-            // SAFETY: per the caller.
-            unsafe { dot_tile_32::<$block, { VNNI_TILE.0 }, { VNNI_TILE.1 }, true>(w, x) }
+            unsafe { group_vnni::<$q8, $high, X>(kind, nb, g, x, out) }
         }
     };
 }
 
-dot32!(dot_q8_0, tile_q8_0, dot_q8_0_vnni, tile_q8_0_vnni, Q8_0);
-dot32!(dot_q4_0, tile_q4_0, dot_q4_0_vnni, tile_q4_0_vnni, Q4_0);
-dot32!(dot_q5_0, tile_q5_0, dot_q5_0_vnni, tile_q5_0_vnni, Q5_0);
+group_kernels!(group_q8_0_avx2, group_q8_0_vnni, true, false);
+group_kernels!(group_q4_0_avx2, group_q4_0_vnni, false, false);
+group_kernels!(group_q5_0_avx2, group_q5_0_vnni, false, true);
 
 /// The f16 at byte `at` of `b`, widened (the scalar conversion; once per block and row).
 #[inline(always)]
@@ -663,20 +533,4 @@ unsafe fn load256(p: *const u8) -> __m256i {
 unsafe fn q6_high(qh: __m256i, s: i32, m3: __m256i) -> __m256i {
     let sh = _mm_cvtsi32_si128(s);
     _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, sh), m3), 4)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn f16_scales_widen_exactly() {
-        for h in 0..=u16::MAX {
-            let want = half::f16::from_bits(h);
-            if !want.is_finite() {
-                continue;
-            }
-            // SAFETY: two readable bytes.
-            let got = unsafe { super::f16_at(h.to_le_bytes().as_ptr()) };
-            assert_eq!(got.to_bits(), want.to_f32().to_bits(), "{h:#06x}");
-        }
-    }
 }
