@@ -102,15 +102,12 @@ impl Kind {
         self.scales_at(nb, nb).next_multiple_of(64)
     }
 
-    /// The unsigned level of weight `e` (0..32) of a GGUF block, and its fifth bit.
-    fn level(&self, block: &[u8], e: usize) -> (u8, bool) {
+    /// The stored level (fifth bit aside) of weight `e` (0..32) of a GGUF block.
+    fn level(&self, block: &[u8], e: usize) -> u8 {
         match self.ty {
-            GgmlType::Q8_0 => (block[2 + e] ^ 0x80, false),
-            GgmlType::Q4_0 => (nibble(&block[2..18], e), false),
-            _ => {
-                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                (nibble(&block[6..22], e), (qh >> e) & 1 == 1)
-            }
+            GgmlType::Q8_0 => block[2 + e] ^ 0x80,
+            GgmlType::Q4_0 => nibble(&block[2..18], e),
+            _ => nibble(&block[6..22], e),
         }
     }
 
@@ -162,13 +159,27 @@ impl Kind {
             for (b, block) in row.chunks_exact(self.gguf_bytes).take(nb).enumerate() {
                 let d = self.scales_at(nb, b) + 2 * r;
                 group[d..d + 2].copy_from_slice(&block[..2]);
-                for e in 0..32 {
-                    let (u, fifth) = self.level(block, e);
-                    let (at, shift) = self.level_pos(b, r, e);
-                    group[at] |= u << shift;
-                    if fifth {
-                        let (at, bit) = self.high_pos(nb, b, r, e);
-                        group[at] |= 1 << bit;
+                let mut u = [0u8; 32];
+                let mut fifth = 0u32;
+                for (e, u) in u.iter_mut().enumerate() {
+                    *u = self.level(block, e);
+                }
+                if self.high {
+                    fifth = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                }
+                let lv = self.levels_at(b);
+                for (t, quad) in u.chunks_exact(4).enumerate() {
+                    let at = lv + 64 * (t % (self.levels / 64)) + 4 * r;
+                    let shift = if self.levels == 512 { 0 } else { 4 * (t / 4) };
+                    for (dst, &q) in group[at..at + 4].iter_mut().zip(quad) {
+                        *dst |= q << shift;
+                    }
+                    if self.high {
+                        let at = self.high_at(nb, b) + 8 * t;
+                        let mut bits =
+                            u64::from_le_bytes(group[at..at + 8].try_into().unwrap_or_default());
+                        bits |= (((fifth >> (4 * t)) & 0xF) as u64) << (4 * r);
+                        group[at..at + 8].copy_from_slice(&bits.to_le_bytes());
                     }
                 }
             }

@@ -114,7 +114,7 @@ unsafe fn group_avx2<const Q8: bool, const HIGH: bool, const X: usize>(
             // SAFETY: block b of the group and of each activation row, per the caller.
             unsafe {
                 if X == 1 && h == 0 {
-                    prefetch_levels(kind, g.add(kind.levels_at(b)));
+                    prefetch_block(kind, nb, g, b);
                 }
                 let w = quads_256::<Q8, HIGH>(kind, nb, g, b, h);
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(
@@ -149,15 +149,24 @@ unsafe fn group_avx2<const Q8: bool, const HIGH: bool, const X: usize>(
     }
 }
 
-/// Decode streams one group at a time: ask for block b's levels PREFETCH_AHEAD bytes early (a
-/// hint: never faults, even past the group).
+/// Decode streams one group at a time, three regions side by side: ask for the levels,
+/// fifth bits and scales of the block PREFETCH_AHEAD bytes of levels ahead of block b (hints:
+/// they never fault, even past the group).
 ///
 /// # Safety
 /// SSE (any x86-64).
 #[inline(always)]
-unsafe fn prefetch_levels(kind: Kind, lv: *const u8) {
+unsafe fn prefetch_block(kind: Kind, nb: usize, g: *const u8, b: usize) {
+    let ahead = b + PREFETCH_AHEAD / kind.levels;
+    let lv = g.wrapping_add(kind.levels_at(ahead));
     for line in (0..kind.levels).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(lv.wrapping_add(PREFETCH_AHEAD + line) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(lv.wrapping_add(line) as *const i8);
+    }
+    if kind.high {
+        _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(kind.high_at(nb, ahead)) as *const i8);
+    }
+    if ahead % 2 == 0 {
+        _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(kind.scales_at(nb, ahead)) as *const i8);
     }
 }
 
@@ -189,7 +198,7 @@ unsafe fn group_vnni<const Q8: bool, const HIGH: bool, const X: usize>(
         unsafe {
             let lv = g.add(kind.levels_at(b));
             if X == 1 {
-                prefetch_levels(kind, lv);
+                prefetch_block(kind, nb, g, b);
             }
             let mut w = [_mm512_setzero_si512(); 8];
             if Q8 {
