@@ -37,15 +37,15 @@ fn assert_same_blocks(what: &str, source: &TensorView, theirs: &TensorView) {
     let k = theirs.dims[0];
     let ours = QuantWeight::quantize(theirs.ty, &values, values.len() / k, k).unwrap();
     let block = theirs.ty.block_bytes();
+    let ours = ours.gguf_bytes();
     let differing: Vec<usize> = ours
-        .bytes()
         .chunks(block)
         .zip(theirs.data.chunks(block))
         .enumerate()
         .filter(|(_, (a, b))| a != b)
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(ours.bytes().len(), theirs.data.len(), "{what}");
+    assert_eq!(ours.len(), theirs.data.len(), "{what}");
     assert!(
         differing.is_empty(),
         "{what} ({}): blocks {differing:?} of {} differ from llama.cpp's",

@@ -299,12 +299,18 @@ impl QuantWeight {
         self.k
     }
 
-    /// Bytes held (an interleaved matrix's padding to whole groups included).
-    pub fn size_in_bytes(&self) -> usize {
+    /// The rows as GGUF stores them (a copy; interleaved matrices are unpacked).
+    pub fn gguf_bytes(&self) -> Vec<u8> {
         match &self.data {
-            Storage::Rows(d) => d.len(),
-            Storage::Groups(g) => g.bytes().len(),
+            Storage::Rows(d) => d.clone(),
+            Storage::Groups(g) => (0..self.n).flat_map(|r| g.gguf_row(r)).collect(),
         }
+    }
+
+    /// Bytes of the quantized rows as GGUF counts them (an interleaved matrix holds the same
+    /// bytes, plus padding to whole groups of 16 rows and to 64 bytes a group).
+    pub fn size_in_bytes(&self) -> usize {
+        self.ty.row_bytes(self.k).unwrap_or(0) * self.n
     }
 
     /// Rows `ids` dequantized to f32, (ids, k) row-major: an embedding lookup.
@@ -652,7 +658,7 @@ mod tests {
         let e = QuantWeight::from_parts(GgmlType::Q4_1, &[&[0; 20]], 32).unwrap_err();
         assert!(e.to_string().contains("q4_1"), "{e}");
         let w = QuantWeight::from_parts(GgmlType::Q8_0, &[&[0; 68], &[0; 34]], 32).unwrap();
-        assert_eq!((w.rows(), w.cols()), (3, 32));
+        assert_eq!((w.rows(), w.cols(), w.size_in_bytes()), (3, 32, 102));
         assert!(w.dequantize_rows(&[3]).is_err());
     }
 }
