@@ -165,7 +165,7 @@ unsafe fn prefetch_block(kind: Kind, nb: usize, g: *const u8, b: usize) {
     if kind.high {
         _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(kind.high_at(nb, ahead)) as *const i8);
     }
-    if ahead % 2 == 0 {
+    if ahead.is_multiple_of(2) {
         _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(kind.scales_at(nb, ahead)) as *const i8);
     }
 }
