@@ -206,8 +206,7 @@ fn a_checkpoint_quantized_at_load_matches_llama_cpp_on_its_gguf() {
 fn types_ember_does_not_compute_with_are_refused() {
     let files = resolve(root().join("models/qwen2").to_str().unwrap(), None).unwrap();
     let err = load_model_quantized(&files, DType::F32, &Device::Cpu, Some(GgmlType::Q4_1))
-        .err()
-        .expect("q4_1 is not a type Ember quantizes to");
+        .expect_err("q4_1 is not a type Ember quantizes to");
     assert!(err.to_string().contains("q4_1"), "{err}");
     assert_eq!(GgmlType::parse_quantized("Q4_K"), Some(GgmlType::Q4K));
     assert_eq!(GgmlType::parse_quantized("q4_1"), None);
