@@ -172,7 +172,6 @@ fn compare_with_llama_cpp(name: &str, margin: f32) -> Compared {
         out.max_logit = out.max_logit.max(top);
         // Greedy, token by token, while llama.cpp's choice is clear.
         let mut last = ours.get(ids.len() - 1).unwrap();
-        let mut pos = ids.len();
         for (step, (&want, &m)) in golden.greedy[i]
             .iter()
             .zip(&golden.greedy_margin[i])
@@ -186,10 +185,14 @@ fn compare_with_llama_cpp(name: &str, margin: f32) -> Compared {
                 got, want,
                 "{name} prompt {i} greedy step {step} (margin {m})"
             );
-            last = run(&mut cache, pos, &[want], LogitsRows::LastPerSeq)
-                .get(0)
-                .unwrap();
-            pos += 1;
+            last = run(
+                &mut cache,
+                ids.len() + step,
+                &[want],
+                LogitsRows::LastPerSeq,
+            )
+            .get(0)
+            .unwrap();
         }
     }
     out
@@ -345,7 +348,7 @@ impl Builder {
         out.extend(self.num_kv.to_le_bytes());
         out.extend(&self.kv);
         out.extend(&self.infos);
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(&self.data);
