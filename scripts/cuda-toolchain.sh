@@ -44,7 +44,9 @@ fi
 
 export CUDA_ROOT=$ROOT CUDA_HOME=$ROOT CUDA_PATH=$ROOT
 export PATH=$ROOT/bin:$PATH NVCC=$ROOT/bin/nvcc
-export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# PTX for compute_80 unless told otherwise: the driver JIT-compiles it for any GPU of
+# capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell), so one binary serves them all.
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
 export LIBRARY_PATH=$ROOT/lib64:$ROOT/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 # Lets the CUDA build run here (device creation then reports that there is no GPU).
 export LD_LIBRARY_PATH=$ROOT/lib:$ROOT/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

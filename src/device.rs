@@ -44,11 +44,17 @@ impl DeviceSpec {
             Self::Cuda(_) if !candle_core::utils::cuda_is_available() => {
                 Err(DeviceError::NoCudaSupport)
             }
-            Self::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|e| DeviceError::Cuda {
-                ordinal,
-                // candle appends a backtrace to some errors; the first line is the message.
-                reason: e.to_string().lines().next().unwrap_or_default().to_string(),
-            }),
+            Self::Cuda(ordinal) => {
+                let device = Device::new_cuda(ordinal).map_err(|e| DeviceError::Cuda {
+                    ordinal,
+                    // candle appends a backtrace to some errors; the first line is the message.
+                    reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+                })?;
+                if let Some(gpu) = describe(&device) {
+                    tracing::info!(ordinal, "{gpu}");
+                }
+                Ok(device)
+            }
         }
     }
 
@@ -67,6 +73,28 @@ pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
+        _ => None,
+    }
+}
+
+/// A CUDA device's name, compute capability and memory, for the start-up log; None on CPU.
+pub fn describe(device: &Device) -> Option<String> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let ctx = d.cuda_stream().context().clone();
+            let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+            let cap = ctx
+                .compute_capability()
+                .map(|(major, minor)| format!("{major}.{minor}"))
+                .unwrap_or_else(|_| "?".to_string());
+            let (free, total) = ctx.mem_get_info().unwrap_or((0, 0));
+            Some(format!(
+                "CUDA device {name}, compute capability {cap}, {} of {} MiB free",
+                free >> 20,
+                total >> 20
+            ))
+        }
         _ => None,
     }
 }

@@ -31,10 +31,11 @@ pub use paged_attention::{
 };
 pub use pool::on_pool;
 pub use quant::{dequantize, GgmlType, QuantError, QuantWeight};
-pub use rms_norm::{rms_norm, rms_norm_ref};
+pub use rms_norm::{add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref};
 pub use silu_and_mul::{silu_and_mul, silu_and_mul_ref};
 
 #[cfg(feature = "cuda")]
 pub(crate) mod ptx {
     pub const SILU_AND_MUL: &str = include_str!(concat!(env!("OUT_DIR"), "/silu_and_mul.ptx"));
+    pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 }

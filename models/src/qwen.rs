@@ -160,13 +160,20 @@ impl QwenModel {
             .forward(&batch.token_ids)?
             .to_dtype(self.activation_dtype)?;
         let rope = self.rotary.rows(&batch.positions)?;
-        // 2. Decoder layers, pre-norm with residuals.
+        // 2. Decoder layers, pre-norm with residuals: each residual add fused with the norm
+        //    that follows it (the same values as the add, then the norm).
+        let mut normed = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&x)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, batch, &rope, cache, i)?;
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            let h = layer.self_attn.forward(&normed, batch, &rope, cache, i)?;
+            let (sum, h) = layer.post_attention_layernorm.add_forward(&x, &h)?;
+            let h = layer.mlp.forward(&h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, normed) = next.input_layernorm.add_forward(&sum, &h)?,
+                None => x = (sum + h)?,
+            }
         }
         // 3. Only the rows that need logits go through the final norm and lm_head.
         let x = match &batch.logits_rows {

@@ -20,6 +20,13 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// The residual add fused with this norm: `(x + h, norm(x + h))`.
+    pub fn add_forward(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        ember_kernels::add_rms_norm(x, h, &self.weight, self.eps)
+    }
+}
+
 impl Module for RmsNorm {
     /// Normalizes over the last dimension of `x`, any leading shape.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
