@@ -315,7 +315,7 @@ mod cuda {
         let dev = xs.device.clone();
         let fused = h.is_some();
         macro_rules! run {
-            ($variant:ident, $plain:literal, $add:literal) => {{
+            ($x:ident, $variant:ident, $plain:literal, $add:literal) => {{
                 let h = match h {
                     None => None,
                     Some((
@@ -332,13 +332,13 @@ mod cuda {
                     _ => candle_core::bail!("rms_norm: x and the weight differ in dtype"),
                 };
                 let name = if fused { $add } else { $plain };
-                CudaStorageSlice::$variant(launch(&dev, name, x, xl, h, w, wl, d, eps)?)
+                CudaStorageSlice::$variant(launch(&dev, name, $x, xl, h, w, wl, d, eps)?)
             }};
         }
         let slice = match &xs.slice {
-            CudaStorageSlice::F32(x) => run!(F32, "rms_norm_f32", "add_rms_norm_f32"),
-            CudaStorageSlice::BF16(x) => run!(BF16, "rms_norm_bf16", "add_rms_norm_bf16"),
-            CudaStorageSlice::F16(x) => run!(F16, "rms_norm_f16", "add_rms_norm_f16"),
+            CudaStorageSlice::F32(x) => run!(x, F32, "rms_norm_f32", "add_rms_norm_f32"),
+            CudaStorageSlice::BF16(x) => run!(x, BF16, "rms_norm_bf16", "add_rms_norm_bf16"),
+            CudaStorageSlice::F16(x) => run!(x, F16, "rms_norm_f16", "add_rms_norm_f16"),
             _ => candle_core::bail!("rms_norm: unsupported dtype on CUDA"),
         };
         Ok(CudaStorage { slice, device: dev })

@@ -2,7 +2,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, max_abs_diff};
-use ember_kernels::{add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref};
+use ember_kernels::{add_rms_norm, add_rms_norm_ref, rms_norm};
 
 const EPS: f64 = 1e-6;
 
