@@ -59,6 +59,15 @@ fn wait_then(
     }
 }
 
+/// `len` random ids from the bulk of a vocabulary of `vocab`: no shared prefixes, and no special
+/// tokens (past the first 1000 ids, below 100k; the middle half of a vocabulary too small for
+/// that, as the tiny test models' are).
+fn random_prompt(rng: &mut StdRng, vocab: u32, len: usize) -> Vec<u32> {
+    let hi = vocab.clamp(1, 100_000);
+    let lo = 1000.min(hi / 4);
+    (0..len).map(|_| rng.random_range(lo..hi)).collect()
+}
+
 /// Runs one batch of `concurrency` requests.
 pub fn run_offline(
     handle: &EngineHandle,
@@ -71,10 +80,7 @@ pub fn run_offline(
     let mut rng = StdRng::seed_from_u64(seed);
     let requests: Vec<ValidRequest> = (0..concurrency)
         .map(|_| {
-            // Random ids from the bulk of the vocabulary: no shared prefixes, no special tokens.
-            let prompt = (0..input_len)
-                .map(|_| rng.random_range(1000..vocab.min(100_000)))
-                .collect();
+            let prompt = random_prompt(&mut rng, vocab, input_len);
             let mut r = ValidRequest::greedy(prompt, output_len);
             r.ignore_eos = true;
             r.sampling = SamplingParams::greedy();
@@ -227,4 +233,21 @@ pub fn run_latency(
         decode_profile,
         long_context,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_fit_any_vocabulary() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for vocab in [1, 2, 500, 151_936] {
+            let p = random_prompt(&mut rng, vocab, 64);
+            assert_eq!(p.len(), 64);
+            assert!(p.iter().all(|&t| t < vocab), "vocab {vocab}");
+        }
+        let p = random_prompt(&mut rng, 151_936, 256);
+        assert!(p.iter().all(|&t| (1000..100_000).contains(&t)));
+    }
 }
