@@ -1,6 +1,8 @@
 //! Parity with HF transformers on the tiny random checkpoints of tests/fixtures (made by
 //! tests/fixtures/make_fixtures.py): f32 logits within 1e-4, a mixed-length batch, chunked
 //! prefill, greedy continuations token for token, and bf16 within the reference's own bf16 error.
+//! `EMBER_TEST_DEVICE=cuda` runs the same checks with the models on the GPU (scripts/gpu-check.sh
+//! does, with a CUDA build of this test).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,16 +38,29 @@ impl Fixture {
     }
 }
 
+/// tests/fixtures/models/NAME, or under EMBER_FIXTURES_DIR (a test binary run from another
+/// checkout, as scripts/gpu-check.sh does on the GPU machine).
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models")
+    std::env::var_os("EMBER_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+        })
         .join(name)
+}
+
+/// The device the models run on: the CPU unless EMBER_TEST_DEVICE=cuda.
+fn device() -> Device {
+    match std::env::var("EMBER_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("EMBER_TEST_DEVICE=cuda needs a CUDA device"),
+        _ => Device::Cpu,
+    }
 }
 
 fn load(name: &str, dtype: DType) -> Fixture {
     let dir = fixture_dir(name);
     let files = resolve(dir.to_str().unwrap(), None).unwrap();
-    let model = load_model(&files, dtype, &Device::Cpu).unwrap();
+    let model = load_model(&files, dtype, &device()).unwrap();
     let golden: Golden =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let logits =
@@ -59,6 +74,7 @@ fn load(name: &str, dtype: DType) -> Fixture {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
+    let a = a.to_device(&Device::Cpu).unwrap();
     (a - b)
         .unwrap()
         .abs()
@@ -196,6 +212,7 @@ fn check_bf16(name: &str) {
     for (i, ids) in f.logit_prompts().iter().enumerate() {
         let mut cache = ContiguousKvCache::new(f.model.config().num_hidden_layers);
         let logits = forward(&f.model, &mut cache, &[(0, 0, ids)], LogitsRows::All);
+        let logits = logits.to_device(&Device::Cpu).unwrap();
         let per_position: Vec<f32> = (logits - &f.logits[&format!("logits.{i}")])
             .unwrap()
             .abs()
