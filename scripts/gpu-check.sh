@@ -80,7 +80,7 @@ RUN=$(mktemp -d)
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-LIBS=$(ls -d "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu*/lib "$SITE"/torch/lib 2>/dev/null | tr '\n' ':')
+LIBS=$( (ls -d "$SITE"/nvidia/*/lib "$SITE"/torch/lib 2>/dev/null || true) | tr '\n' ':')
 export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
 xz -dc "$PACK" | tar -C "$RUN" -xf -
 EMBER=$RUN/bin/ember
