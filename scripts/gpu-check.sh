@@ -82,7 +82,8 @@ PY=${PYTHON:-python3}
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 LIBS=$( (ls -d "$SITE"/nvidia/*/lib "$SITE"/torch/lib 2>/dev/null || true) | tr '\n' ':')
 export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
-xz -dc "$PACK" | tar -C "$RUN" -xf -
+# Python's tarfile reads xz whether or not the machine has the xz tool.
+"$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$PACK" "$RUN"
 EMBER=$RUN/bin/ember
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 log "pack of commit $(cat "$RUN/COMMIT")"
