@@ -30,7 +30,7 @@ pub use paged_attention::{
     causal_attention, paged_attention, paged_attention_ref, paged_attention_with_isa, PagedSeq,
 };
 pub use pool::on_pool;
-pub use quant::{dequantize, GgmlType, QuantError, QuantWeight};
+pub use quant::{dequantize, Activations, GgmlType, QuantError, QuantWeight};
 pub use rms_norm::{add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref};
 pub use silu_and_mul::{silu_and_mul, silu_and_mul_ref};
 

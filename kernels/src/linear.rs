@@ -115,14 +115,22 @@ impl CustomOp1 for LinearQuant<'_> {
                 .collect(),
             other => candle_core::bail!("linear_quant: unsupported dtype {:?}", other.dtype()),
         };
-        // Each part fills its own columns of y.
+        // Each part fills its own columns of y; x is quantized once for the parts that share
+        // an activation format (q/k/v, gate/up), as ggml does per matmul.
         let mut y = vec![0f32; m * n];
         let mut col = 0;
         let mut part_out = Vec::new();
+        let mut acts: Option<crate::Activations> = None;
         for p in self.parts {
             let pn = p.rows();
             part_out.resize(m * pn, 0.0);
-            p.matmul(&x, m, self.bias.map(|b| &b[col..col + pn]), &mut part_out);
+            let a = match acts.take() {
+                Some(a) if a.fits(p) => a,
+                _ => p.quantize_input(cpu_isa(), &x, m),
+            };
+            p.matmul_quantized(&a, self.bias.map(|b| &b[col..col + pn]), &mut part_out)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            acts = Some(a);
             for (dst, src) in y.chunks_exact_mut(n).zip(part_out.chunks_exact(pn)) {
                 dst[col..col + pn].copy_from_slice(src);
             }

@@ -33,6 +33,38 @@ enum Storage {
     Groups(Groups),
 }
 
+/// Activation rows quantized for a matmul ([`QuantWeight::quantize_input`]).
+pub struct Activations {
+    isa: Isa,
+    k: usize,
+    rows: ActRows,
+}
+
+enum ActRows {
+    /// For the 32-weight types.
+    Q8_0(Vec<Q8_0Row>),
+    /// For the k-quants.
+    Q8K(Vec<Q8KRow>),
+}
+
+impl Activations {
+    /// Whether `w` multiplies these rows (its activation format and width).
+    pub fn fits(&self, w: &QuantWeight) -> bool {
+        let format = matches!(
+            (&self.rows, &w.data),
+            (ActRows::Q8_0(_), Storage::Groups(_)) | (ActRows::Q8K(_), Storage::Rows(_))
+        );
+        format && self.k == w.k
+    }
+
+    fn rows(&self) -> usize {
+        match &self.rows {
+            ActRows::Q8_0(r) => r.len(),
+            ActRows::Q8K(r) => r.len(),
+        }
+    }
+}
+
 /// A dot product of `R` weight rows with one activation row.
 type Rows<const R: usize> = unsafe fn(&[&[u8]; R], &Q8KRow) -> [f32; R];
 
@@ -346,35 +378,69 @@ impl QuantWeight {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let (n, k) = (self.n, self.k);
-        assert!(x.len() >= m * k && out.len() >= m * n && bias.is_none_or(|b| b.len() >= n));
+        let acts = self.quantize_input(isa, x, m);
+        self.matmul_quantized(&acts, bias, out)
+            .expect("activations quantized for these weights");
+    }
+
+    /// The m rows of `x` (m × k) in this matrix's activation format, on path `isa`: what
+    /// [`Self::matmul_quantized`] takes. Every matrix of the same [`Activations::fits`] kind and
+    /// width can reuse them (the parts of a fused q/k/v or gate/up).
+    pub fn quantize_input(&self, isa: Isa, x: &[f32], m: usize) -> Activations {
+        let k = self.k;
+        assert!(x.len() >= m * k, "x holds m rows of k");
+        let rows = x[..m * k].par_chunks(k);
+        let rows = match &self.data {
+            Storage::Groups(_) => ActRows::Q8_0(
+                rows.map(|r| {
+                    let mut q = Q8_0Row::default();
+                    quantize_q8_0_with_isa(r, &mut q, isa);
+                    q
+                })
+                .collect(),
+            ),
+            Storage::Rows(_) => ActRows::Q8K(
+                rows.map(|r| {
+                    let mut q = Q8KRow::default();
+                    quantize_q8k_with_isa(r, &mut q, isa);
+                    q
+                })
+                .collect(),
+            ),
+        };
+        Activations { isa, k, rows }
+    }
+
+    /// `out` (m × n) = the activations · Wᵀ + bias, on the path they were quantized on; an
+    /// error if they are not in this matrix's format and width.
+    pub fn matmul_quantized(
+        &self,
+        acts: &Activations,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        if !acts.fits(self) {
+            return Err(QuantError(format!(
+                "activations of width {} do not fit a {} matrix of width {}",
+                acts.k, self.ty, self.k
+            )));
+        }
+        let (n, m) = (self.n, acts.rows());
+        assert!(out.len() >= m * n && bias.is_none_or(|b| b.len() >= n));
         if m == 0 || n == 0 {
-            return;
+            return Ok(());
         }
         let shared = SharedOut(out.as_mut_ptr());
-        let rows = x[..m * k].par_chunks(k);
-        match &self.data {
-            Storage::Groups(g) => {
-                let acts: Vec<Q8_0Row> = rows
-                    .map(|r| {
-                        let mut q = Q8_0Row::default();
-                        quantize_q8_0_with_isa(r, &mut q, isa);
-                        q
-                    })
-                    .collect();
-                self.matmul_groups(g, isa, &acts, bias, &shared)
+        match (&self.data, &acts.rows) {
+            (Storage::Groups(g), ActRows::Q8_0(a)) => {
+                self.matmul_groups(g, acts.isa, a, bias, &shared)
             }
-            Storage::Rows(data) => {
-                let acts: Vec<Q8KRow> = rows
-                    .map(|r| {
-                        let mut q = Q8KRow::default();
-                        quantize_q8k_with_isa(r, &mut q, isa);
-                        q
-                    })
-                    .collect();
-                self.matmul_rows(data, isa, &acts, bias, &shared)
+            (Storage::Rows(data), ActRows::Q8K(a)) => {
+                self.matmul_rows(data, acts.isa, a, bias, &shared)
             }
+            _ => unreachable!("fits() checked the format"),
         }
+        Ok(())
     }
 
     /// The interleaved path: a task per group, its activation rows in the widest tiles the
@@ -625,6 +691,30 @@ mod tests {
                     assert_eq!(run(&w, isa, &x, m, None), portable, "{ty} {isa} m {m}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn activations_quantized_once_serve_every_matrix_of_their_format() {
+        let (k, m) = (256, 3);
+        let x = activations(m, k);
+        let q5 = weight(GgmlType::Q5_0, 20, k, 1);
+        let q8 = weight(GgmlType::Q8_0, 7, k, 2);
+        let q4k = weight(GgmlType::Q4K, 9, k, 3);
+        for isa in crate::supported_isas() {
+            let acts = q5.quantize_input(isa, &x, m);
+            for w in [&q5, &q8] {
+                assert!(acts.fits(w));
+                let mut shared = vec![0f32; m * w.rows()];
+                w.matmul_quantized(&acts, None, &mut shared).unwrap();
+                assert_eq!(shared, run(w, isa, &x, m, None), "{} {isa}", w.ty());
+            }
+            // Another format, or another width, is refused rather than misread.
+            let mut out = vec![0f32; m * q4k.rows()];
+            assert!(!acts.fits(&q4k));
+            assert!(q4k.matmul_quantized(&acts, None, &mut out).is_err());
+            let narrow = weight(GgmlType::Q8_0, 4, 128, 4);
+            assert!(!acts.fits(&narrow));
         }
     }
 

@@ -15,7 +15,7 @@ mod quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use matmul::QuantWeight;
+pub use matmul::{Activations, QuantWeight};
 
 use half::{bf16, f16};
 
